@@ -1,0 +1,106 @@
+"""``python -m cw_verl [check|demo|plot]``.
+
+``check`` (the default) imports verl the way every verl process does and reports what cw_verl
+registered and patched, and what is wrong; it exits non-zero on any problem, because verl itself
+hides plugin failures at DEBUG level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import os
+import sys
+
+TESTED_VERL = "0.9.1"
+
+
+def _plugin_entry_points():
+    return [ep for ep in importlib.metadata.entry_points(group="verl.plugins") if ep.value.startswith("cw_verl")]
+
+
+def run_check() -> list[str]:
+    """Print the state of the installation; return the list of problems (empty: all good)."""
+    problems: list[str] = []
+
+    def report(ok: bool, what: str, problem: str | None = None) -> None:
+        print(f"  [{'ok' if ok else 'FAIL'}] {what}")
+        if not ok:
+            problems.append(problem or what)
+
+    import cw_verl
+
+    print(f"cw_verl {cw_verl.__version__}")
+    entry_points = _plugin_entry_points()
+    report(
+        bool(entry_points),
+        "entry point in group 'verl.plugins': " + ", ".join(f"{ep.name} = {ep.value}" for ep in entry_points),
+        "no 'verl.plugins' entry point for cw_verl: install the package (pip install -e .), not just PYTHONPATH",
+    )
+    policy = os.getenv("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
+    allowed = policy == "auto" or any(ep.name in {p.strip() for p in policy.split(",")} for ep in entry_points)
+    report(
+        allowed, f"VERL_USE_EXTERNAL_PLUGINS={policy!r} lets verl load it", "VERL_USE_EXTERNAL_PLUGINS excludes cw_verl"
+    )
+
+    import verl
+
+    print(f"verl {verl.__version__} (tested with {TESTED_VERL})")
+    if verl.__version__ != TESTED_VERL:
+        print(f"  [warn] verl {verl.__version__} is not the tested {TESTED_VERL}; run the test-suite's patch checks")
+    report("cw_verl.verl_plugin" in sys.modules, "`import verl` loaded cw_verl.verl_plugin")
+
+    from verl.trainer.ppo import core_algos
+
+    from cw_verl.verl_losses import CW_GRPO
+
+    report(CW_GRPO in core_algos.ADV_ESTIMATOR_REGISTRY, f"algorithm.adv_estimator={CW_GRPO} registered")
+    report(CW_GRPO in core_algos.POLICY_LOSS_REGISTRY, f"actor.policy_loss.loss_mode={CW_GRPO} registered")
+
+    from verl.workers.engine.base import BaseEngine
+
+    report(
+        getattr(BaseEngine.train_batch, "_cw_verl_dp_group_bridge", False),
+        "BaseEngine.train_batch/infer_batch hand the engine's dp_group to the policy loss",
+    )
+    config_module = importlib.import_module("verl.utils.config")
+    report(
+        getattr(config_module.validate_config, "_cw_verl_config_rules", False),
+        "validate_config makes loss_mode follow adv_estimator=cw_grpo",
+    )
+    try:
+        v1_utils = importlib.import_module("verl.trainer.ppo.v1.utils")
+    except ImportError as error:
+        report(False, f"verl's v1 trainer imports ({error})", f"verl's v1 trainer cannot be imported: {error}")
+    else:
+        report(
+            getattr(v1_utils.compute_advantage_for_multi_trajectories, "_cw_verl_multi_trajectory", False),
+            "v1 trainer's multi-trajectory advantages treat cw_grpo as GRPO",
+        )
+    print("OK: cw_verl is active in verl" if not problems else f"{len(problems)} problem(s): " + "; ".join(problems))
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cw_verl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("check", help="report registrations and patches (default)")
+    sub.add_parser("demo", help="CW-GRPO vs GRPO on verl's engine on CPU", add_help=False)
+    sub.add_parser("plot", help="figure from verl file-logger JSONL", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from cw_verl.demo.cli import main as demo_main
+
+        return demo_main(rest)
+    if args.command == "plot":
+        from cw_verl.demo.plot import main as plot_main
+
+        return plot_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return 1 if run_check() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

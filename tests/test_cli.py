@@ -1,0 +1,30 @@
+"""``python -m cw_verl check`` and the visibility of a broken plugin."""
+
+import os
+import subprocess
+import sys
+
+
+def run(*args, env_overrides=None):
+    env = {**os.environ, **(env_overrides or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_check_reports_a_working_installation():
+    result = run("-m", "cw_verl", "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: cw_verl is active in verl" in result.stdout
+    assert "[FAIL]" not in result.stdout
+
+
+def test_check_fails_when_verl_is_told_not_to_load_plugins():
+    result = run("-m", "cw_verl", env_overrides={"VERL_USE_EXTERNAL_PLUGINS": "none"})
+    assert result.returncode == 1
+    assert "[FAIL] actor.policy_loss.loss_mode=cw_grpo registered" in result.stdout
+
+
+def test_a_plugin_that_fails_to_load_is_reported_loudly():
+    # verl swallows plugin import errors at DEBUG level; cw_verl's own ERROR log must still reach the user.
+    code = "import sys; sys.modules['wrapt'] = None; import verl"
+    result = run("-c", code)
+    assert "cw_verl failed to install its verl plugin" in result.stderr
