@@ -1,0 +1,257 @@
+"""Check a verl launch before any GPU is touched.
+
+    python -m cw_verl.paper.launch_check [--dump-config FILE] -- <hydra overrides...>
+
+Composes verl 0.9.1's own trainer configuration (``ppo_megatron_trainer``) with the overrides, exactly
+as ``python -m verl.trainer.main_ppo --config-name=ppo_megatron_trainer <overrides>`` would, runs verl's
+``validate_config``, builds the config dataclasses the workers build (actor, rollout, algorithm, and the
+model config, which loads the tokenizer and ``config.json`` from the model path), and then checks what
+verl would only discover on the cluster, or never:
+
+* prompt + response fits the model's ``max_position_embeddings`` (verl's vLLM server otherwise
+  silently shortens generations to the space left);
+* the rollout batch splits evenly over the actor's data-parallel ranks (verl otherwise pads the batch
+  with dummy sequences);
+* the reward's ``prompt_opens_think`` agrees with the tokenizer's chat template;
+* the custom reward function loads and accepts the configured ``reward_kwargs``;
+* the advantage estimator and policy loss are registered (a plugin that fails to import is silently
+  skipped by ``import verl``);
+* data files exist and have the columns verl reads.
+
+All problems are reported together; the exit status is 1 if there is any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+CONFIG_NAME = "ppo_megatron_trainer"
+DATA_COLUMNS = {"data_source", "prompt", "reward_model"}
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)
+    facts: dict[str, object] = field(default_factory=dict)
+
+
+def verl_config_dir() -> str:
+    import verl
+
+    return os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+
+
+def compose(overrides: list[str], config_name: str = CONFIG_NAME):
+    """The DictConfig main_ppo would receive (Hydra compose on verl's installed config directory)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=verl_config_dir(), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def check(cfg) -> Report:
+    report = Report()
+    _run(report, "verl validate_config", _verl_validation, cfg)
+    actor = _run(report, "actor config", _dataclass, cfg.actor_rollout_ref.actor)
+    _run(report, "rollout config", _dataclass, cfg.actor_rollout_ref.rollout)
+    _run(report, "algorithm config", _dataclass, cfg.algorithm)
+    model = _run(report, "model config", _dataclass, cfg.actor_rollout_ref.model)
+    if model is not None:
+        _check_context(report, cfg, model)
+        _check_think_template(report, cfg, model)
+    if actor is not None:
+        _check_batch_split(report, cfg)
+    _check_reward_fn(report, cfg)
+    _check_registry(report, cfg)
+    _check_data(report, cfg)
+    _check_loggers(report, cfg)
+    return report
+
+
+def _run(report: Report, what: str, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # every failure becomes a reported problem; the check itself must not stop
+        report.errors.append(f"{what}: {type(e).__name__}: {e}")
+        return None
+
+
+def _verl_validation(cfg) -> None:
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+    from verl.utils.device import auto_set_device
+
+    auto_set_device(cfg)
+    validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+
+
+def _dataclass(node):
+    from verl.utils.config import omega_conf_to_dataclass
+
+    return omega_conf_to_dataclass(node)
+
+
+def _check_context(report: Report, cfg, model) -> None:
+    from verl.workers.rollout.utils import get_max_position_embeddings
+
+    max_pos = get_max_position_embeddings(model.hf_config)
+    prompt, response = cfg.data.max_prompt_length, cfg.data.max_response_length
+    max_model_len = cfg.actor_rollout_ref.rollout.max_model_len
+    report.facts.update(max_position_embeddings=max_pos, prompt_plus_response=prompt + response)
+    if prompt + response > max_pos:
+        report.errors.append(
+            f"context: data.max_prompt_length ({prompt}) + data.max_response_length ({response}) = "
+            f"{prompt + response} exceeds the model's max_position_embeddings ({max_pos}); lower "
+            f"data.max_response_length to {max_pos - prompt} or less"
+        )
+    elif max_model_len is not None and not prompt + response <= max_model_len <= max_pos:
+        report.errors.append(
+            f"context: rollout.max_model_len ({max_model_len}) must lie between prompt + response "
+            f"({prompt + response}) and max_position_embeddings ({max_pos})"
+        )
+
+
+def _check_think_template(report: Report, cfg, model) -> None:
+    kwargs = _reward_kwargs(cfg)
+    if "prompt_opens_think" not in kwargs:
+        return
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    rendered = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    opens = re.search(r"<think>\s*$", rendered) is not None
+    report.facts["chat_template_opens_think"] = opens
+    if bool(kwargs["prompt_opens_think"]) != opens:
+        report.errors.append(
+            f"reward: prompt_opens_think={kwargs['prompt_opens_think']} but the tokenizer's generation "
+            f"prompt {'ends' if opens else 'does not end'} with <think> (tail: {rendered[-40:]!r}); "
+            "the format reward would be wrong for every sample"
+        )
+
+
+def _check_batch_split(report: Report, cfg) -> None:
+    actor = cfg.actor_rollout_ref.actor
+    mg = actor.megatron
+    n_gpus = cfg.trainer.n_gpus_per_node * cfg.trainer.nnodes
+    model_parallel = mg.tensor_model_parallel_size * mg.pipeline_model_parallel_size * mg.context_parallel_size
+    rollout_tp = cfg.actor_rollout_ref.rollout.tensor_model_parallel_size
+    sequences = cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n
+    if n_gpus % model_parallel:
+        report.errors.append(f"parallelism: {n_gpus} GPUs do not divide into TP x PP x CP = {model_parallel}")
+        return
+    dp = n_gpus // model_parallel
+    report.facts.update(n_gpus=n_gpus, actor_dp=dp, sequences_per_step=sequences)
+    if sequences % dp:
+        report.errors.append(
+            f"batch: {sequences} sequences per step (train_batch_size x rollout.n) do not split evenly over "
+            f"{dp} data-parallel ranks; verl would pad the batch with dummy sequences"
+        )
+    if n_gpus % rollout_tp:
+        report.errors.append(f"rollout: tensor_model_parallel_size {rollout_tp} does not divide {n_gpus} GPUs")
+
+
+def _reward_kwargs(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.select(cfg, "reward.custom_reward_function.reward_kwargs", default=None)
+    return {} if node is None else dict(OmegaConf.to_container(node, resolve=True))
+
+
+def _check_reward_fn(report: Report, cfg) -> None:
+    from verl.utils.import_utils import load_extern_object
+
+    fn_cfg = cfg.reward.custom_reward_function
+    if not fn_cfg.path:
+        return
+    try:
+        fn = load_extern_object(module_path=fn_cfg.path, object_name=fn_cfg.name)
+        # The arguments verl's NaiveRewardManager passes, plus the configured reward_kwargs.
+        inspect.signature(fn).bind(
+            data_source="", solution_str="", ground_truth="", extra_info={}, **_reward_kwargs(cfg)
+        )
+    except Exception as e:
+        report.errors.append(f"reward function {fn_cfg.path}:{fn_cfg.name}: {type(e).__name__}: {e}")
+
+
+def _check_registry(report: Report, cfg) -> None:
+    from verl.trainer.ppo import core_algos
+
+    wanted = {
+        "algorithm.adv_estimator": (cfg.algorithm.adv_estimator, core_algos.ADV_ESTIMATOR_REGISTRY),
+        "actor.policy_loss.loss_mode": (
+            cfg.actor_rollout_ref.actor.policy_loss.loss_mode,
+            core_algos.POLICY_LOSS_REGISTRY,
+        ),
+    }
+    missing = [f"{key}={name}" for key, (name, registry) in wanted.items() if name not in registry]
+    if not missing:
+        return
+    try:  # `import verl` hides a failing plugin; importing it here shows why it did not register
+        import cw_verl.verl_plugin  # noqa: F401
+
+        why = "cw_verl.verl_plugin imports fine but does not register it"
+    except Exception as e:
+        why = f"importing cw_verl.verl_plugin fails: {type(e).__name__}: {e}"
+    report.errors.append(f"registry: {', '.join(missing)} not registered in verl ({why})")
+
+
+def _check_data(report: Report, cfg) -> None:
+    import pyarrow.parquet
+
+    files = []
+    for key in ("train_files", "val_files"):
+        value = cfg.data[key]
+        files += [value] if isinstance(value, str) else list(value)
+    for path in files:
+        path = os.path.expanduser(path)
+        if not os.path.isfile(path):
+            report.errors.append(f"data: {path} does not exist (build it with python -m cw_verl.paper.data)")
+            continue
+        columns = set(pyarrow.parquet.read_schema(path).names)
+        if not DATA_COLUMNS <= columns:
+            report.errors.append(f"data: {path} lacks columns {sorted(DATA_COLUMNS - columns)}")
+
+
+def _check_loggers(report: Report, cfg) -> None:
+    from verl.utils.tracking import Tracking
+
+    loggers = cfg.trainer.logger
+    unknown = [
+        name for name in ([loggers] if isinstance(loggers, str) else loggers) if name not in Tracking.supported_backend
+    ]
+    if unknown:
+        report.errors.append(f"trainer.logger: {unknown} not among verl's {Tracking.supported_backend}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-name", default=CONFIG_NAME)
+    parser.add_argument("--dump-config", help="write the resolved configuration (YAML) here")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as passed to verl.trainer.main_ppo")
+    args = parser.parse_args(argv)
+
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = compose(args.overrides, args.config_name)
+    except Exception as e:
+        print(f"launch check: the overrides do not compose with verl's {args.config_name}: {e}", file=sys.stderr)
+        return 1
+    report = check(cfg)
+    if args.dump_config:
+        with open(args.dump_config, "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    for key, value in report.facts.items():
+        print(f"launch check: {key} = {value}")
+    for error in report.errors:
+        print(f"launch check: ERROR: {error}", file=sys.stderr)
+    print(f"launch check: {'FAILED' if report.errors else 'OK'} ({len(report.errors)} problem(s))")
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

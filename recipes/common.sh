@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Shared launcher for the paper's Table 2 runs on verl 0.9.1 (Megatron actor/ref, vLLM rollouts).
+# Sourced by the per-model wrappers (run_cwgrpo_*.sh), which set MODEL_TAG and the model defaults.
+# Every setting below is an environment variable with the paper's value as default; the mapping from
+# the paper's trl settings to verl's is explained in recipes/README.md.
+#
+#   ARM=grpo|clip_cov|cw_grpo  selects the Table 2 row; nothing else differs between arms.
+#   DRY_RUN=1                  prints the command and checks it against verl's config; needs no GPU.
+#   Extra arguments are appended as Hydra overrides (they are checked too).
+
+set -euo pipefail
+
+die() {
+    echo "ERROR: $*" >&2
+    exit 1
+}
+
+# Ray workers do not run in the launch directory: every path handed to verl must be absolute.
+abspath() {
+    if [[ "$1" == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi
+}
+
+: "${MODEL_TAG:?set by the wrapper script}"
+: "${MODEL_PATH:?set by the wrapper script or the environment}"
+: "${MAX_RESPONSE_LENGTH:?set by the wrapper script}"
+: "${ACTOR_TP:?set by the wrapper script}"
+: "${PROMPT_OPENS_THINK:?set by the wrapper script}"
+
+PYTHON=${PYTHON:-python3}
+ARM=${ARM:-cw_grpo}
+DRY_RUN=${DRY_RUN:-0}
+
+case "$ARM" in
+    grpo) ADV_ESTIMATOR=grpo LOSS_MODE=vanilla ;;
+    clip_cov) ADV_ESTIMATOR=grpo LOSS_MODE=clip_cov ;;
+    cw_grpo) ADV_ESTIMATOR=cw_grpo LOSS_MODE=cw_grpo ;;
+    *) die "ARM must be grpo, clip_cov or cw_grpo (got '$ARM')" ;;
+esac
+
+# --- data (python -m cw_verl.paper.data --out "$DATA_DIR") --------------------------------------------
+DATA_DIR=${DATA_DIR:-$HOME/data/cw_grpo}
+TRAIN_FILE=${TRAIN_FILE:-$DATA_DIR/open_rs.parquet}
+EVAL_SETS=(aime24 math500 amc23 minerva olympiadbench)
+
+# --- cluster: the paper used one node with 4 GPUs ------------------------------------------------------
+NNODES=${NNODES:-1}
+GPUS_PER_NODE=${GPUS_PER_NODE:-4}
+ACTOR_PP=${ACTOR_PP:-1}
+ACTOR_CP=${ACTOR_CP:-1}
+ROLLOUT_TP=${ROLLOUT_TP:-1}
+ROLLOUT_GPU_MEMORY=${ROLLOUT_GPU_MEMORY:-0.5}
+OFFLOAD=${OFFLOAD:-0}
+
+# --- the paper's Table 5, in verl's units (recipes/README.md) -----------------------------------------
+TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-12} # prompts per optimizer step
+N_GENERATIONS=${N_GENERATIONS:-12}
+TOTAL_STEPS=${TOTAL_STEPS:-100}
+LR=${LR:-1e-6}
+MIN_LR=${MIN_LR:-1e-7}
+WARMUP_RATIO=${WARMUP_RATIO:-0.1}
+TEMPERATURE=${TEMPERATURE:-0.7}
+MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-512}
+KL_COEF=${KL_COEF:-0.04}
+LOSS_AGG_MODE=${LOSS_AGG_MODE:-seq-mean-token-mean}
+SEED=${SEED:-42}
+# Micro-batching only splits the work of one optimizer step (gradients accumulate): by default by tokens
+# per GPU (dynamic batching); MICRO_BATCH_PER_GPU=N uses N sequences instead. Memory-bound settings, but
+# Clip-Cov's statistics are per micro-batch in verl (recipes/README.md).
+ACTOR_MAX_TOKENS_PER_GPU=${ACTOR_MAX_TOKENS_PER_GPU:-$((3 * (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH)))}
+MICRO_BATCH_PER_GPU=${MICRO_BATCH_PER_GPU:-}
+
+# --- outputs -------------------------------------------------------------------------------------------
+RUN_ROOT=${RUN_ROOT:-$PWD/runs}
+PROJECT=${PROJECT:-cw_grpo_table2}
+EXPERIMENT=${EXPERIMENT:-${MODEL_TAG}_${ARM}}
+RUN_DIR=$RUN_ROOT/$PROJECT/$EXPERIMENT
+SAVE_FREQ=${SAVE_FREQ:-50}
+TEST_FREQ=${TEST_FREQ:--1}
+# verl's file logger truncates its file when it opens it, so each launch (a resume is a new launch)
+# writes its own JSONL; the metrics of a resumed run are the union of the files.
+METRICS_FILE=${METRICS_FILE:-$RUN_DIR/metrics/metrics.$(date +%Y%m%d-%H%M%S).jsonl}
+EXTRA_LOGGERS=${EXTRA_LOGGERS:-} # e.g. wandb or wandb,tensorboard
+
+MODEL_PATH=$(abspath "$MODEL_PATH")
+TRAIN_FILE=$(abspath "$TRAIN_FILE")
+DATA_DIR=$(abspath "$DATA_DIR")
+RUN_DIR=$(abspath "$RUN_DIR")
+METRICS_FILE=$(abspath "$METRICS_FILE")
+
+# --- fail fast on missing inputs -----------------------------------------------------------------------
+[[ -f "$MODEL_PATH/config.json" ]] || die "MODEL_PATH=$MODEL_PATH is not a local Hugging Face model directory (no config.json); download it first, e.g. huggingface-cli download <repo> --local-dir <dir>"
+[[ -f "$TRAIN_FILE" ]] || die "training data $TRAIN_FILE not found; build it with: $PYTHON -m cw_verl.paper.data --out $DATA_DIR"
+VAL_FILES=()
+for name in "${EVAL_SETS[@]}"; do
+    file=$DATA_DIR/$name.parquet
+    [[ -f "$file" ]] || die "evaluation data $file not found; build it with: $PYTHON -m cw_verl.paper.data --out $DATA_DIR"
+    VAL_FILES+=("$file")
+done
+val_list=$(printf "'%s'," "${VAL_FILES[@]}")
+val_list=${val_list%,}
+
+loggers=console,file
+[[ -n "$EXTRA_LOGGERS" ]] && loggers+=",$EXTRA_LOGGERS"
+offload=$([[ "$OFFLOAD" == 1 ]] && echo True || echo False)
+opens_think=$([[ "$PROMPT_OPENS_THINK" == 1 ]] && echo True || echo False)
+
+OVERRIDES=(
+    # Algorithm: the only lines that differ between the three arms.
+    "algorithm.adv_estimator=$ADV_ESTIMATOR"
+    "actor_rollout_ref.actor.policy_loss.loss_mode=$LOSS_MODE"
+    # GRPO as in trl: group-normalised outcome rewards, KL to the reference in the loss, no KL in the reward.
+    algorithm.norm_adv_by_std_in_grpo=True
+    algorithm.use_kl_in_reward=False
+    actor_rollout_ref.actor.use_kl_loss=True
+    "actor_rollout_ref.actor.kl_loss_coef=$KL_COEF"
+    actor_rollout_ref.actor.kl_loss_type=low_var_kl
+    "actor_rollout_ref.actor.loss_agg_mode=$LOSS_AGG_MODE"
+    actor_rollout_ref.actor.entropy_coeff=0
+    # On-policy: one optimizer step per rollout batch, as trl does with num_iterations=1.
+    "data.train_batch_size=$TRAIN_BATCH_SIZE"
+    "actor_rollout_ref.actor.ppo_mini_batch_size=$TRAIN_BATCH_SIZE"
+    actor_rollout_ref.actor.ppo_epochs=1
+    "actor_rollout_ref.rollout.n=$N_GENERATIONS"
+    # Optimizer: trl's AdamW defaults (no weight decay, grad-norm clip 1.0) with Open-RS's schedule.
+    "actor_rollout_ref.actor.optim.lr=$LR"
+    "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=$WARMUP_RATIO"
+    actor_rollout_ref.actor.optim.lr_decay_style=cosine
+    "actor_rollout_ref.actor.optim.min_lr=$MIN_LR"
+    actor_rollout_ref.actor.optim.weight_decay=0.0
+    actor_rollout_ref.actor.optim.clip_grad=1.0
+    # Lengths: rollout.max_model_len is explicit so vLLM never silently shortens a generation.
+    "data.max_prompt_length=$MAX_PROMPT_LENGTH"
+    "data.max_response_length=$MAX_RESPONSE_LENGTH"
+    "actor_rollout_ref.rollout.max_model_len=$((MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH))"
+    # Data.
+    "data.train_files=['$TRAIN_FILE']"
+    "data.val_files=[$val_list]"
+    data.prompt_key=prompt
+    data.shuffle=True
+    "data.seed=$SEED"
+    # Reward: paper App. C (accuracy + think-tag format), see cw_verl/paper/reward.py.
+    reward.custom_reward_function.path=pkg://cw_verl.paper.reward
+    reward.custom_reward_function.name=compute_score
+    "+reward.custom_reward_function.reward_kwargs.prompt_opens_think=$opens_think"
+    # Model and Megatron actor/ref.
+    "actor_rollout_ref.model.path=$MODEL_PATH"
+    "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=$ACTOR_TP"
+    "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=$ACTOR_PP"
+    "actor_rollout_ref.actor.megatron.context_parallel_size=$ACTOR_CP"
+    "actor_rollout_ref.actor.megatron.param_offload=$offload"
+    "actor_rollout_ref.actor.megatron.optimizer_offload=$offload"
+    # vLLM rollout.
+    actor_rollout_ref.rollout.name=vllm
+    "actor_rollout_ref.rollout.temperature=$TEMPERATURE"
+    actor_rollout_ref.rollout.top_p=1.0
+    actor_rollout_ref.rollout.top_k=-1
+    "actor_rollout_ref.rollout.tensor_model_parallel_size=$ROLLOUT_TP"
+    "actor_rollout_ref.rollout.gpu_memory_utilization=$ROLLOUT_GPU_MEMORY"
+    # In-training validation (off by default; Table 2 comes from recipes/eval_pass1.sh): eval sampling.
+    actor_rollout_ref.rollout.val_kwargs.do_sample=True
+    actor_rollout_ref.rollout.val_kwargs.temperature=0.6
+    actor_rollout_ref.rollout.val_kwargs.top_p=0.95
+    actor_rollout_ref.rollout.val_kwargs.n=1
+    trainer.val_before_train=False
+    "trainer.test_freq=$TEST_FREQ"
+    # Trainer, checkpoints (resumed automatically), logs.
+    "trainer.nnodes=$NNODES"
+    "trainer.n_gpus_per_node=$GPUS_PER_NODE"
+    "trainer.total_training_steps=$TOTAL_STEPS"
+    # An upper bound only: total_training_steps ends the run.
+    trainer.total_epochs=1000
+    trainer.critic_warmup=0
+    "trainer.project_name=$PROJECT"
+    "trainer.experiment_name=$EXPERIMENT"
+    "trainer.default_local_dir=$RUN_DIR/checkpoints"
+    "trainer.save_freq=$SAVE_FREQ"
+    trainer.resume_mode=auto
+    "trainer.logger=[$loggers]"
+    "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH=$METRICS_FILE"
+    "+ray_kwargs.ray_init.runtime_env.env_vars.TENSORBOARD_DIR=$RUN_DIR/tensorboard"
+)
+
+if [[ -n "$MICRO_BATCH_PER_GPU" ]]; then
+    OVERRIDES+=(
+        actor_rollout_ref.actor.use_dynamic_bsz=False
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=$MICRO_BATCH_PER_GPU"
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=$MICRO_BATCH_PER_GPU"
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=$MICRO_BATCH_PER_GPU"
+    )
+else
+    # ref and rollout log-prob passes follow these two settings (verl's oc.select defaults).
+    OVERRIDES+=(
+        actor_rollout_ref.actor.use_dynamic_bsz=True
+        "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=$ACTOR_MAX_TOKENS_PER_GPU"
+    )
+fi
+
+CMD=("$PYTHON" -m verl.trainer.main_ppo --config-name=ppo_megatron_trainer "${OVERRIDES[@]}" "$@")
+CHECK=("$PYTHON" -m cw_verl.paper.launch_check)
+[[ -n "${DUMP_CONFIG:-}" ]] && CHECK+=(--dump-config "$DUMP_CONFIG")
+
+echo "# $MODEL_TAG, arm $ARM; outputs in $RUN_DIR"
+printf '%q ' "${CMD[@]}"
+echo
+# verl fails on a wrong setting only after Ray and the GPU workers are up; check on the CPU first.
+"${CHECK[@]}" -- "${OVERRIDES[@]}" "$@" || die "launch check failed; nothing was started"
+if [[ "$DRY_RUN" == 1 ]]; then
+    echo "# DRY_RUN=1: not started"
+    exit 0
+fi
+mkdir -p "$(dirname "$METRICS_FILE")"
+exec "${CMD[@]}"
