@@ -1,88 +1,201 @@
-"""Wall time of one policy-loss call, cw_grpo vs verl's own losses, measured side by side in one run.
+"""One policy-loss call, cw_grpo vs verl's own losses, measured side by side in one run (CPU).
 
-    python benchmarks/bench_loss.py                      # [64 x 4096], float32
-    python benchmarks/bench_loss.py --shapes 64x4096 256x8192 --dtypes float32 bfloat16
+    python benchmarks/bench_loss.py                                   # [64 x 4096], float32 and bfloat16
+    python benchmarks/bench_loss.py --shapes 64x4096 256x8192 --min-run-time 3
 
-Each case times the loss call alone (``forward``) and the loss call plus ``backward`` to the log-probs
-(``fwd+bwd``) with ``torch.utils.benchmark`` (warm-up and repetition handled there), on inputs shaped
-like a GRPO micro-batch: per-sequence advantages, ragged response masks, log-probs that require grad.
-Ratios are against verl's ``vanilla`` measured in the same run. Single process: the statistics make
-no collective here (a DP run adds two small all-gathers per loss call).
+For each micro-batch shape and log-prob dtype it prints, per loss, the median wall time of the loss call
+alone (``forward``) and of the loss call plus ``backward`` to the log-probs (``fwd+bwd``), measured with
+``torch.utils.benchmark`` (warm-up and repetition handled there), as a ratio to verl's ``vanilla``
+measured in the same run, and the peak memory the fwd+bwd call allocates on top of its inputs (from
+torch.profiler's memory timeline). Inputs look like a GRPO micro-batch: per-sequence advantages of groups
+of 8, ragged response masks, log-probs that require grad. Metrics are on (verl's policy losses always
+compute theirs).
+
+cw_grpo's default (mini-batch) scope computes its statistics and metrics on the first loss call of an
+optimizer mini-batch and reuses them on the others, so it is timed twice: ``cw_grpo@first`` (the mini-batch
+is this one micro-batch: statistics, metrics and loss) and ``cw_grpo@later`` (cached statistics).
+Single process: the statistics make no collective here; a DP run adds two small all-gathers per
+mini-batch (see ``--collectives``).
 """
 
 from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 import torch.utils.benchmark as benchmark
 import verl  # noqa: F401  (loads the cw_verl plugin)
 
+GROUP = 8
 
-def make_inputs(batch: int, length: int, dtype: torch.dtype, seed: int = 0):
+
+def make_inputs(batch: int, length: int, dtype: torch.dtype, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(length // 8, length + 1, (batch,), generator=gen)
     mask = torch.arange(length)[None, :] < lengths[:, None]
     old_log_prob = -torch.rand(batch, length, generator=gen).pow(3) * 6
     log_prob = (old_log_prob + 0.05 * torch.randn(batch, length, generator=gen)).to(dtype).requires_grad_()
-    rewards = torch.randint(0, 2, (batch // 8, 8), generator=gen).float()
+    rewards = torch.randint(0, 2, (batch // GROUP, GROUP), generator=gen).float()
     adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)).flatten()
-    advantages = adv[:, None].expand(batch, length).contiguous()
-    return old_log_prob.to(dtype), log_prob, advantages, mask
+    return {
+        "old_log_prob": old_log_prob.to(dtype),
+        "log_prob": log_prob,
+        "advantages": adv[:, None].expand(batch, length).contiguous(),
+        "response_mask": mask,
+        "uid": [f"prompt-{i // GROUP}" for i in range(batch)],
+    }
 
 
 def actor_config():
     from verl.workers.config import FSDPActorConfig
 
-    return FSDPActorConfig(strategy="fsdp2", rollout_n=8, ppo_micro_batch_size_per_gpu=1)
+    return FSDPActorConfig(strategy="fsdp2", rollout_n=GROUP, ppo_micro_batch_size_per_gpu=1)
 
 
-def loss_call(name, inputs, config, backward):
+def mini_batch(inputs):
+    from verl.utils import tensordict_utils as tu
+
+    return tu.get_tensordict(
+        {
+            "old_log_probs": inputs["old_log_prob"],
+            "advantages": inputs["advantages"],
+            "response_mask": inputs["response_mask"],
+            "uid": inputs["uid"],
+        }
+    )
+
+
+def loss_call(loss_mode: str, inputs: dict, config, backward: bool):
+    """A closure that runs one loss call the way verl's engine does (inside its train_batch context)."""
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-    old_log_prob, log_prob, advantages, mask = inputs
+    from cw_verl.distributed import loss_call as loss_call_context
+    from cw_verl.distributed import train_batch_call
+
+    name, _, phase = loss_mode.partition("@")
     fn = get_policy_loss_fn(name)
+    td = mini_batch(inputs)
+    # "later": every repetition is a later call of the same mini-batch (statistics already cached).
+    shared_cache = {} if phase == "later" else None
+    args = {k: inputs[k] for k in ("old_log_prob", "log_prob", "advantages", "response_mask")}
 
     def run():
-        log_prob.grad = None
-        loss, _ = fn(
-            old_log_prob=old_log_prob,
-            log_prob=log_prob,
-            advantages=advantages,
-            response_mask=mask,
-            loss_agg_mode="token-mean",
-            config=config,
-        )
-        if backward:
-            loss.backward()
+        inputs["log_prob"].grad = None
+        with train_batch_call(td, shared_cache), loss_call_context(None, td):
+            loss, _ = fn(**args, loss_agg_mode="token-mean", config=config)
+            if backward:
+                loss.backward()
 
+    if phase == "later":
+        run()  # fill the cache
     return run
+
+
+def peak_extra_bytes(run) -> int:
+    """Peak bytes allocated during ``run()`` above what was live when it started (CPU memory timeline)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        run()
+    _, sizes = MemoryProfileTimeline(p._memory_profile())._coalesce_timeline("cpu")
+    live = np.asarray(sizes).sum(axis=1)
+    return int(live.max() - live[0]) if len(live) else 0
+
+
+def count_collectives(num_sequences: int, length: int, micro_batches: int) -> list[tuple[str, int, int]]:
+    """Gather rounds and bytes each rank sends per optimizer mini-batch, per scope, counted by running the
+    losses over ``micro_batches`` micro-batches with a counting gather."""
+    from cw_verl import distributed, verl_losses
+
+    inputs = make_inputs(num_sequences, length, torch.float32, seed=1)
+    config = actor_config()
+    config.global_batch_info.update(global_batch_size=num_sequences, dp_size=1)
+    rows = []
+    original = verl_losses.group_gather
+    for loss_mode in ("cw_grpo_microbatch", "cw_grpo_minibatch", "cw_grpo_group"):
+        counts = {"rounds": 0, "bytes": 0}
+
+        def counting(group, counts=counts):
+            def gather(table):
+                counts["rounds"] += 1
+                counts["bytes"] += table.numel() * table.element_size()
+                return table.unsqueeze(0)
+
+            return gather
+
+        verl_losses.group_gather = counting
+        try:
+            from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+            td = mini_batch(inputs)
+            size = num_sequences // micro_batches
+            with distributed.train_batch_call(td):
+                for start in range(0, num_sequences, size):
+                    part = {k: v[start : start + size] for k, v in inputs.items()}
+                    with distributed.loss_call(None, mini_batch(part)):
+                        get_policy_loss_fn(loss_mode)(
+                            old_log_prob=part["old_log_prob"],
+                            log_prob=part["log_prob"].detach(),
+                            advantages=part["advantages"],
+                            response_mask=part["response_mask"],
+                            loss_agg_mode="token-mean",
+                            config=config,
+                        )
+        finally:
+            verl_losses.group_gather = original
+        rows.append((loss_mode, counts["rounds"], counts["bytes"]))
+    return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["64x4096"])
-    parser.add_argument("--dtypes", nargs="+", default=["float32"])
-    parser.add_argument("--losses", nargs="+", default=["vanilla", "cw_grpo", "clip_cov"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--losses", nargs="+", default=["vanilla", "clip_cov", "cw_grpo@first", "cw_grpo@later", "cw_grpo_microbatch"]
+    )
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per measurement")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory timeline")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (on this 2-core VM a 2-thread op pays ~15 ms waking its helper thread)",
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'shape':>10} {'dtype':>9} {'loss':>9} {'mode':>8} {'median ms':>10} {'vs vanilla':>10}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    print(
+        f"{'shape':>9} {'dtype':>8} {'loss':>19} {'forward ms':>10} {'ratio':>6} {'fwd+bwd ms':>10} {'ratio':>6}",
+        end="",
+    )
+    print("" if args.no_memory else f" {'peak extra MB':>13}")
     config = actor_config()
     for shape in args.shapes:
         batch, length = (int(x) for x in shape.split("x"))
         for dtype_name in args.dtypes:
             inputs = make_inputs(batch, length, getattr(torch, dtype_name))
-            for backward in (False, True):
-                mode = "fwd+bwd" if backward else "forward"
-                medians = {}
-                for name in args.losses:
-                    timer = benchmark.Timer(stmt="run()", globals={"run": loss_call(name, inputs, config, backward)})
-                    medians[name] = timer.blocked_autorange(min_run_time=args.min_run_time).median
-                for name, median in medians.items():
-                    ratio = median / medians["vanilla"] if "vanilla" in medians else float("nan")
-                    print(f"{shape:>10} {dtype_name:>9} {name:>9} {mode:>8} {median * 1e3:>10.2f} {ratio:>10.2f}")
+            results = {}
+            for name in args.losses:
+                medians = []
+                for backward in (False, True):
+                    run = loss_call(name, inputs, config, backward)
+                    timer = benchmark.Timer(stmt="run()", globals={"run": run})
+                    medians.append(timer.blocked_autorange(min_run_time=args.min_run_time).median)
+                memory = None if args.no_memory else peak_extra_bytes(loss_call(name, inputs, config, True))
+                results[name] = (*medians, memory)
+            base = results.get("vanilla", (float("nan"),) * 2)
+            for name, (fwd, both, memory) in results.items():
+                line = f"{shape:>9} {dtype_name:>8} {name:>19} {fwd * 1e3:>10.2f} {fwd / base[0]:>6.2f}"
+                line += f" {both * 1e3:>10.2f} {both / base[1]:>6.2f}"
+                print(line + ("" if memory is None else f" {memory / 2**20:>13.1f}"))
+    print("\ncollectives per optimizer mini-batch of 64 sequences x 1024 tokens in 8 micro-batches (8 groups of 8):")
+    print(f"{'scope':>19} {'gather rounds':>13} {'bytes sent per rank':>20}")
+    for loss_mode, rounds, sent in count_collectives(64, 1024, 8):
+        print(f"{loss_mode:>19} {rounds:>13} {sent:>20}")
     return 0
 
 

@@ -53,15 +53,17 @@ def run_check() -> list[str]:
 
     from verl.trainer.ppo import core_algos
 
-    from cw_verl.verl_losses import CW_GRPO
+    from cw_verl.verl_losses import CW_GRPO, DEFAULT_SCOPE, LOSS_MODES
 
     report(CW_GRPO in core_algos.ADV_ESTIMATOR_REGISTRY, f"algorithm.adv_estimator={CW_GRPO} registered")
-    report(CW_GRPO in core_algos.POLICY_LOSS_REGISTRY, f"actor.policy_loss.loss_mode={CW_GRPO} registered")
+    for name, scope in LOSS_MODES.items():
+        note = f" (default: {DEFAULT_SCOPE} scope)" if name == CW_GRPO else f" ({scope} scope)"
+        report(name in core_algos.POLICY_LOSS_REGISTRY, f"actor.policy_loss.loss_mode={name} registered{note}")
 
     from verl.workers.engine.base import BaseEngine
 
     report(
-        getattr(BaseEngine.train_batch, "_cw_verl_dp_group_bridge", False),
+        getattr(BaseEngine.train_batch, "_cw_verl_engine_context", False),
         "BaseEngine.train_batch/infer_batch hand the engine's dp_group to the policy loss",
     )
     config_module = importlib.import_module("verl.utils.config")

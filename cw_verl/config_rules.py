@@ -11,7 +11,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from cw_verl.verl_losses import CW_GRPO
+from cw_verl.verl_losses import CW_GRPO, LOSS_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +25,8 @@ class ConfigConflictError(ValueError):
 
 
 def cw_loss_modes() -> set[str]:
-    """Policy-loss names that implement CW-GRPO."""
-    return {CW_GRPO}
+    """Policy-loss names that implement CW-GRPO (one per statistics scope)."""
+    return set(LOSS_MODES)
 
 
 def explicit_override_keys(overrides: list[str]) -> set[str]:

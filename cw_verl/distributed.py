@@ -1,11 +1,11 @@
-"""The reduction group of CW-GRPO's statistics, and the one collective it uses.
+"""Where CW-GRPO's statistics are reduced: the engine call context, the DP group, and its all-gather.
 
-The statistics of one loss call are those of all tokens that the data-parallel group holds in that
-call. Which group that is belongs to the training engine (verl's FSDP engine: WORLD, or the ``dp``
-dimension of the Ulysses mesh; Megatron: ``mpu.get_data_parallel_group()``, which leaves tensor-,
-pipeline- and context-parallel replicas of the same tokens out). The engine hands its group to the
-loss; :func:`data_parallel_group` carries it to the policy loss (see ``cw_verl/patches``), and
-:func:`resolve_data_parallel_group` checks it against the DP size that verl reports for the batch.
+The statistics of a loss call are those of all tokens that the data-parallel group holds in scope.
+Which group that is belongs to the training engine (verl's FSDP engine: WORLD, or the ``dp`` dimension
+of the Ulysses mesh; Megatron: ``mpu.get_data_parallel_group()``, which leaves tensor-, pipeline- and
+context-parallel replicas of the same tokens out). The engine hands its group, and the micro-batch,
+to each loss call; ``cw_verl/patches/engine_context.py`` records them here (:func:`loss_call`), and
+records each optimizer mini-batch (:func:`train_batch_call`) for the scopes wider than one call.
 """
 
 from __future__ import annotations
@@ -13,24 +13,69 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from cw_verl.weights import Gather, local_gather
 
-_UNSET = object()
-_current_group: contextvars.ContextVar = contextvars.ContextVar("cw_verl_dp_group", default=_UNSET)
+
+@dataclass(frozen=True)
+class LossCall:
+    """One call of the engine's loss function: its DP group and its micro-batch (a TensorDict, or None)."""
+
+    dp_group: Any
+    micro_batch: Any = None
+
+
+@dataclass
+class TrainBatchCall:
+    """One ``engine.train_batch``/``infer_batch`` call: this rank's optimizer mini-batch, and a cache for
+    statistics computed once per mini-batch."""
+
+    mini_batch: Any
+    cache: dict = field(default_factory=dict)
+
+
+_loss_call: contextvars.ContextVar[LossCall | None] = contextvars.ContextVar("cw_verl_loss_call", default=None)
+_train_batch: contextvars.ContextVar[TrainBatchCall | None] = contextvars.ContextVar(
+    "cw_verl_train_batch", default=None
+)
 
 
 @contextlib.contextmanager
-def data_parallel_group(group) -> Iterator[None]:
-    """Within this block, CW-GRPO reduces its statistics over ``group`` (``None``: no reduction)."""
-    token = _current_group.set(group)
+def _set(var: contextvars.ContextVar, value) -> Iterator:
+    token = var.set(value)
     try:
-        yield
+        yield value
     finally:
-        _current_group.reset(token)
+        var.reset(token)
+
+
+def loss_call(dp_group, micro_batch=None):
+    """Context of one loss call: CW-GRPO reduces over ``dp_group`` (``None``: no reduction)."""
+    return _set(_loss_call, LossCall(dp_group, micro_batch))
+
+
+def data_parallel_group(group):
+    """For calling the policy loss yourself in a multi-process run: reduce over ``group``."""
+    return loss_call(group)
+
+
+def train_batch_call(mini_batch, cache: dict | None = None):
+    """Context of one optimizer mini-batch (``engine.train_batch``). ``cache``: reuse statistics already
+    computed for this same mini-batch (a benchmark's repeated calls)."""
+    return _set(_train_batch, TrainBatchCall(mini_batch, {} if cache is None else cache))
+
+
+def current_loss_call() -> LossCall | None:
+    return _loss_call.get()
+
+
+def current_train_batch() -> TrainBatchCall | None:
+    return _train_batch.get()
 
 
 def resolve_data_parallel_group(expected_dp_size: int | None):
@@ -45,9 +90,9 @@ def resolve_data_parallel_group(expected_dp_size: int | None):
             group does not have the DP size (e.g. a WORLD group that also spans tensor-parallel ranks,
             which would count every token once per replica).
     """
-    group = _current_group.get()
+    call = _loss_call.get()
     distributed = dist.is_available() and dist.is_initialized()
-    if group is _UNSET:
+    if call is None:
         if (expected_dp_size or 1) > 1 or (distributed and dist.get_world_size() > 1):
             raise RuntimeError(
                 "cw_grpo needs the data-parallel group of the loss call, but none was provided. verl's "
@@ -56,6 +101,7 @@ def resolve_data_parallel_group(expected_dp_size: int | None):
                 "in a multi-process run, wrap the call in `cw_verl.distributed.data_parallel_group(group)`."
             )
         return None
+    group = call.dp_group
     if group is None:
         if (expected_dp_size or 1) > 1:
             raise RuntimeError(
@@ -76,15 +122,15 @@ def resolve_data_parallel_group(expected_dp_size: int | None):
 def group_gather(group) -> Gather:
     """A :data:`~cw_verl.weights.Gather` over ``group`` (``None``: this process alone).
 
-    ``all_gather`` rather than ``all_reduce``: the merge of central moments needs every rank's vector,
+    ``all_gather`` rather than ``all_reduce``: the merge of central moments needs every rank's table,
     and every rank then merges the same stack in the same order, so all ranks get identical results.
     """
     if group is None:
         return local_gather
 
-    def gather(vector: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(vector) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, vector.contiguous(), group=group)
+    def gather(table: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(table) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, table.contiguous(), group=group)
         return torch.stack(parts)
 
     return gather

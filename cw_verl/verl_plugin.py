@@ -16,18 +16,19 @@ INSTALLED_HOOKS: list[str] = []
 
 
 def _register_with_core_algos(core_algos) -> None:
-    from cw_verl.verl_losses import CW_GRPO, compute_cw_grpo_outcome_advantage, compute_policy_loss_cw_grpo
+    from cw_verl.verl_losses import CW_GRPO, POLICY_LOSSES, compute_cw_grpo_outcome_advantage
 
-    core_algos.register_policy_loss(CW_GRPO)(compute_policy_loss_cw_grpo)
+    for name, policy_loss in POLICY_LOSSES.items():
+        core_algos.register_policy_loss(name)(policy_loss)
     core_algos.register_adv_est(CW_GRPO)(compute_cw_grpo_outcome_advantage)
 
 
 def _hooks():
-    from cw_verl.patches import engine_dp_group, v1_multi_trajectory, validate_config
+    from cw_verl.patches import engine_context, v1_multi_trajectory, validate_config
 
     return {
         "verl.trainer.ppo.core_algos": _register_with_core_algos,
-        "verl.workers.engine.base": engine_dp_group.patch,
+        "verl.workers.engine.base": engine_context.patch,
         "verl.utils.config": validate_config.patch,
         "verl.trainer.ppo.v1.utils": v1_multi_trajectory.patch,
     }

@@ -4,7 +4,7 @@ Each patch is tiny, is applied lazily when verl imports the module it patches (`
 hooks, so ``import verl`` stays cheap), and was written against verl 0.9.1. ``tests/test_patches.py``
 checks the shape of every verl function a patch relies on and fails loudly when verl changes it.
 
-- :mod:`~cw_verl.patches.engine_dp_group`: hands the engine's data-parallel group to the policy loss.
+- :mod:`~cw_verl.patches.engine_context`: hands the engine's data-parallel group to the policy loss.
 - :mod:`~cw_verl.patches.validate_config`: ``loss_mode`` follows ``adv_estimator=cw_grpo``; conflicts stop
   the run at config validation, before Ray or any worker starts.
 - :mod:`~cw_verl.patches.v1_multi_trajectory`: the v1 trainer's multi-trajectory advantage path treats

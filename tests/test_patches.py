@@ -30,7 +30,7 @@ def test_plugins_are_loaded_from_the_verl_plugins_entry_point_group():
     assert 'entry_points(group="verl.plugins")' in source and "VERL_USE_EXTERNAL_PLUGINS" in source
 
 
-# patches/engine_dp_group.py
+# patches/engine_context.py
 
 
 def test_every_engine_trains_and_infers_through_base_engine():
@@ -66,11 +66,12 @@ def test_ppo_loss_still_does_not_forward_dp_group_to_the_policy_loss():
 def test_the_policy_loss_signature_is_what_cw_grpo_implements():
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
 
-    from cw_verl.verl_losses import compute_policy_loss_cw_grpo
+    from cw_verl.verl_losses import POLICY_LOSSES
 
-    assert list(inspect.signature(compute_policy_loss_vanilla).parameters) == list(
-        inspect.signature(compute_policy_loss_cw_grpo).parameters
-    )
+    for policy_loss in POLICY_LOSSES.values():
+        assert list(inspect.signature(compute_policy_loss_vanilla).parameters) == list(
+            inspect.signature(policy_loss).parameters
+        )
 
 
 # patches/validate_config.py

@@ -36,12 +36,18 @@ batches = st.builds(
 )
 
 
+def assert_identical(stats, other):
+    """Every rank must hold bitwise the same statistics."""
+    for name in ("keys", "num_tokens", "logp_mean", "adv_mean", "variance", "q_shift", "log_normaliser"):
+        assert torch.equal(getattr(stats, name), getattr(other, name)), name
+
+
 def assert_matches_reference(log_prob, advantages, mask, weights, cov, stats):
     ref_weights, ref_cov, ref_sigma = reference_weights(log_prob, advantages, mask)
     torch.testing.assert_close(weights, ref_weights, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(cov, ref_cov, rtol=1e-9, atol=1e-12)
     assert stats.sigma == pytest.approx(ref_sigma, rel=1e-9, abs=1e-14)
-    assert stats.num_tokens == int(mask.sum())
+    assert stats.total_tokens == int(mask.sum())
 
 
 @SETTINGS
@@ -60,8 +66,8 @@ def test_normalised_to_mean_one_and_bounded_by_stats(batch):
     valid = mask.bool()
     if valid.any():
         assert weights[valid].mean().item() == pytest.approx(1.0, abs=1e-12)
-        assert weights[valid].min().item() == pytest.approx(stats.weight_min, rel=1e-12)
-        assert weights[valid].max().item() == pytest.approx(stats.weight_max, rel=1e-12)
+        assert weights[valid].min().item() == pytest.approx(stats.weight_min.min().item(), rel=1e-12)
+        assert weights[valid].max().item() == pytest.approx(stats.weight_max.max().item(), rel=1e-12)
     assert torch.all(weights[~valid] == 1.0)
     assert torch.isfinite(weights).all()
 
@@ -101,9 +107,9 @@ def test_any_split_over_ranks_gives_the_single_rank_result(batch, cut_points, ma
     torch.testing.assert_close(torch.cat([r[0] for r in results]), expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.cat([r[1] for r in results]), expected_cov, rtol=1e-10, atol=1e-13)
     for _, _, stats in results:
-        assert stats.num_tokens == expected_stats.num_tokens
+        assert stats.total_tokens == expected_stats.total_tokens
         assert stats.sigma == pytest.approx(expected_stats.sigma, rel=1e-10, abs=1e-15)
-        assert stats == results[0][2]  # bitwise identical on every rank
+        assert_identical(stats, results[0][2])
 
 
 def test_bf16_log_probs_are_accumulated_in_float64():
@@ -170,12 +176,12 @@ def test_no_valid_tokens_gives_unit_weights_and_zero_statistics():
     log_prob, advantages, _ = make_batch(5, 3, 4)
     weights, cov, stats = covariance_weights(log_prob, advantages, torch.zeros(3, 4, dtype=torch.bool))
     assert torch.all(weights == 1.0) and torch.all(cov == 0.0)
-    assert (stats.num_tokens, stats.sigma, stats.cov_mean, stats.collective_rounds) == (0, 0.0, 0.0, 1)
+    assert (stats.total_tokens, stats.sigma, stats.scope_cov_mean, stats.collective_rounds) == (0, 0.0, 0.0, 1)
 
 
 def test_empty_tensors_are_a_scope_without_tokens():
     weights, _, stats = covariance_weights(torch.zeros(0, 8), torch.zeros(0, 8), torch.zeros(0, 8))
-    assert weights.shape == (0, 8) and stats.num_tokens == 0
+    assert weights.shape == (0, 8) and stats.total_tokens == 0
 
 
 def test_extreme_tokens_are_suppressed_without_nan():
@@ -222,7 +228,7 @@ def test_non_finite_values_at_masked_positions_are_ignored():
 
 
 def test_shape_mismatch_raises():
-    with pytest.raises(CovarianceInputError, match="same shape"):
+    with pytest.raises(CovarianceInputError, match=r"same \[batch, length\] shape"):
         covariance_weights(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3))
 
 
@@ -239,5 +245,51 @@ def test_bad_input_on_one_rank_raises_on_every_rank_instead_of_hanging():
     results, errors = run_lockstep(lambda s, gather: covariance_weights(*s, gather=gather), [good, nan_shard, good])
     assert all(isinstance(e, CovarianceInputError) and "non-finite" in str(e) for e in errors)
     results, errors = run_lockstep(lambda s, gather: covariance_weights(*s, gather=gather), [good, malformed])
-    assert "same shape" in str(errors[1])
-    assert isinstance(errors[0], CovarianceInputError) and "other rank" in str(errors[0])
+    assert "same [batch, length] shape" in str(errors[1])
+    assert isinstance(errors[0], CovarianceInputError) and "unusable input" in str(errors[0])
+
+
+@SETTINGS
+@given(batches, st.integers(1, 4), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_segments_shuffled_over_ranks_match_each_segment_alone(batch, rows_per_segment, world, seed):
+    """The paper's group scope: rows with the same key share statistics wherever they sit."""
+    log_prob, advantages, mask = batch
+    rows = log_prob.shape[0]
+    keys = torch.arange(rows) // rows_per_segment * 7919 - 3  # arbitrary, non-contiguous int64 keys
+    expected = torch.ones_like(log_prob, dtype=torch.float64)
+    for key in keys.unique():
+        members = keys == key
+        expected[members] = reference_weights(log_prob[members], advantages[members], mask[members])[0]
+    perm = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    shards = [perm[r::world] for r in range(world)]
+    max_segments = len(keys.unique())
+
+    def rank(rows_of_rank, gather):
+        return covariance_weights(
+            log_prob[rows_of_rank],
+            advantages[rows_of_rank],
+            mask[rows_of_rank],
+            gather,
+            keys[rows_of_rank],
+            max_segments,
+        )
+
+    results, errors = run_lockstep(rank, shards)
+    assert errors == [None] * world
+    for rows_of_rank, (weights, _, stats) in zip(shards, results, strict=True):
+        torch.testing.assert_close(weights, expected[rows_of_rank], rtol=1e-9, atol=1e-11)
+        assert torch.equal(stats.keys, keys.unique())
+        assert stats.rows.tolist() == [float((keys == k).sum()) for k in keys.unique()]
+
+
+def test_more_segments_than_announced_raise_on_every_rank():
+    log_prob, advantages, mask = make_batch(11, 4, 5, mask_density=1.0)
+    shards = [(log_prob[:2], advantages[:2], mask[:2]), (log_prob[2:], advantages[2:], mask[2:])]
+    keys = [torch.tensor([0, 1]), torch.tensor([2, 2])]
+
+    def rank(shard, gather):
+        index = 0 if shard[0].data_ptr() == log_prob.data_ptr() else 1
+        return covariance_weights(*shard, gather, keys[index], max_segments=1)
+
+    _, errors = run_lockstep(rank, shards)
+    assert all(isinstance(e, CovarianceInputError) and "more than 1 segments" in str(e) for e in errors)

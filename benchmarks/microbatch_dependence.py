@@ -1,0 +1,90 @@
+"""How much one actor update depends on the micro-batch size, per CW-GRPO statistics scope (CPU, verl's
+real actor path: TrainingWorker, FSDP2 engine, verl's micro-batching, ppo_loss).
+
+    python benchmarks/microbatch_dependence.py            # about 3 minutes on 2 cores
+
+One RL batch (8 prompts x 8 responses of the demo's digit-reversal task, the demo's warm-started tiny
+Qwen2, verl's old log-probs and GRPO advantages) is used for every update; every update starts from the
+same checkpoint and is one optimizer step over the whole batch (one mini-batch). For each loss and
+micro-batching it prints, against the same loss with one micro-batch per rank on one rank:
+
+- ``grad rel diff``: ||g - g_ref|| / ||g_ref|| for the full gradient the optimizer receives;
+- ``max |dw|``, ``mean |dw|``: the change of the per-token weights w~ the loss calls used (valid tokens);
+- ``w moved >10%``: share of valid tokens whose weight changed by more than 10%.
+
+``vanilla`` (verl's GRPO loss) has no weights and shows the floating-point floor of the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+from cw_verl.cpu.launch import run_ranks
+from cw_verl.cpu.studies import Variant, save_shared_batch, updates_per_variant
+
+PROMPTS, GROUP_SIZE = 8, 8
+LOSSES = ["vanilla", "cw_grpo_microbatch", "cw_grpo_minibatch", "cw_grpo_group"]
+
+
+def micro_batchings(sequences_per_rank: int, dynamic_tokens: int):
+    return (
+        [(f"1 x {sequences_per_rank} seq (reference)", {"micro_batch_size": sequences_per_rank})]
+        + [(f"{sequences_per_rank // size} x {size} seq", {"micro_batch_size": size}) for size in (8, 4, 2, 1)]
+        + [(f"dynamic, <= {dynamic_tokens} tokens", {"max_token_len": dynamic_tokens})]
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dynamic-tokens", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from cw_verl.cpu.tiny_model import TinyModelSpec
+    from cw_verl.demo.task import ReversalTask
+    from cw_verl.demo.warmstart import WarmStart, build_demo_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path, _ = build_demo_model(tmp, ReversalTask(), TinyModelSpec(), WarmStart(), args.seed)
+        batch_path = f"{tmp}/batch.pt"
+        run_ranks(save_shared_batch, 1, str(model_path), PROMPTS, GROUP_SIZE, args.seed, batch_path)
+        results = {}
+        for world_size in args.world_sizes:
+            per_rank = PROMPTS * GROUP_SIZE // world_size
+            layouts = micro_batchings(per_rank, args.dynamic_tokens)
+            variants = [Variant(loss, **kw) for loss in LOSSES for _, kw in layouts]
+            out = run_ranks(updates_per_variant, world_size, str(model_path), variants, batch_path, timeout_s=1800)[0]
+            results[world_size] = (layouts, out)
+
+    layouts1, out1 = results[args.world_sizes[0]]
+    mask = out1["response_mask"]
+    print(
+        f"one update, {PROMPTS} prompts x {GROUP_SIZE} responses, {int(mask.sum())} valid tokens; reference: "
+        f"one micro-batch on {args.world_sizes[0]} rank(s)"
+    )
+    print(
+        f"{'loss':>19} {'ranks':>5} {'micro-batches per rank':>26} {'grad rel diff':>13} {'max |dw|':>9} "
+        f"{'mean |dw|':>9} {'w moved >10%':>12}"
+    )
+    for loss in LOSSES:
+        reference = out1["variants"][Variant(loss, **layouts1[0][1])]
+        for world_size, (layouts, out) in results.items():
+            for label, kw in layouts:
+                got = out["variants"][Variant(loss, **kw)]
+                grad_diff = ((got["gradient"] - reference["gradient"]).norm() / reference["gradient"].norm()).item()
+                line = f"{loss:>19} {world_size:>5} {label:>26} {grad_diff:>13.2e}"
+                if got["weights"] is not None:
+                    change = (got["weights"] - reference["weights"])[mask].abs()
+                    moved = (change > 0.1 * reference["weights"][mask]).double().mean().item()
+                    line += f" {change.max().item():>9.3f} {change.mean().item():>9.4f} {moved:>12.1%}"
+                print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""The demo's RL loop: one arm (GRPO, CW-GRPO, ...) on every rank of a gloo group.
+
+Every rank runs this same program (SPMD); rank 0 also plays verl's driver for logging. One step is
+verl's PPO step (``trainer/ppo/v1/trainer_base.py``), in the same order and with the same metric keys:
+
+1. ``gen``: all-gather the FSDP2 weights into each rank's rollout model; each rank samples ``G``
+   responses for its share of the prompts; score them (exact match); exchange so all ranks hold the batch.
+2. ``old_log_prob``: verl's ``TrainingWorker.infer_batch`` recomputes log-probs and entropies of each
+   rank's chunk; ``actor/entropy`` is their token mean over the batch (as verl logs it).
+3. ``adv``: ``verl.trainer.ppo.ray_trainer.compute_advantage`` with the arm's registered estimator.
+4. ``update_actor``: ``TrainingWorker.train_mini_batch`` on each rank's chunk: verl's FSDP2 engine,
+   micro-batches, ``ppo_loss`` and the arm's registered policy loss, optimizer steps.
+
+Metrics go through ``verl.utils.tracking.Tracking`` with the ``file`` backend (one JSONL per arm).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cw_verl.cpu import harness
+from cw_verl.demo.task import STREAM_EVAL, STREAM_RL, ReversalTask
+
+VAL_KEY = "val-core/digit_reversal/acc/mean@1"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """An arm is verl's ``algorithm.adv_estimator`` plus ``actor.policy_loss.loss_mode``."""
+
+    name: str
+    adv_estimator: str
+    loss_mode: str
+
+
+ARMS = {
+    "grpo": Arm("grpo", adv_estimator="grpo", loss_mode="vanilla"),
+    "cw_grpo": Arm("cw_grpo", adv_estimator="cw_grpo", loss_mode="cw_grpo"),
+    "clip_cov": Arm("clip_cov", adv_estimator="grpo", loss_mode="clip_cov"),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model_path: str
+    out_dir: str
+    steps: int = 200
+    prompts_per_step: int = 16
+    group_size: int = 8
+    mini_batches_per_step: int = 2
+    micro_batch_size_per_gpu: int = 16
+    use_dynamic_bsz: bool = False
+    max_token_len_per_gpu: int = 512
+    lr: float = 1e-4
+    # The paper's recipe warms the learning rate up over the first 10% of steps (Appendix C).
+    lr_warmup_steps_ratio: float = 0.1
+    clip_ratio: float = 0.2
+    temperature: float = 1.0
+    seed: int = 0
+    val_problems: int = 256
+    task: ReversalTask = field(default_factory=ReversalTask)
+    project_name: str = "cw_verl_demo"
+    progress: bool = True
+
+    def validate(self, world_size: int) -> None:
+        if self.prompts_per_step % self.mini_batches_per_step:
+            raise ValueError("prompts_per_step must be a multiple of mini_batches_per_step")
+        sequences_per_update = self.prompts_per_step // self.mini_batches_per_step * self.group_size
+        if sequences_per_update % world_size:
+            raise ValueError(
+                f"{sequences_per_update} sequences per optimizer step do not split over {world_size} ranks"
+            )
+        per_rank = sequences_per_update // world_size
+        if not self.use_dynamic_bsz and per_rank % self.micro_batch_size_per_gpu:
+            raise ValueError(
+                f"{per_rank} sequences per rank and optimizer step are not a multiple of "
+                f"micro_batch_size_per_gpu={self.micro_batch_size_per_gpu}"
+            )
+        if self.prompts_per_step % world_size or self.val_problems % world_size:
+            raise ValueError(f"prompts_per_step and val_problems must split over {world_size} ranks")
+
+
+def quiet_known_warnings() -> None:
+    """Silence import-time notices that verl 0.9.1 prints on every CPU box (absent optional engines,
+    Apex) and transformers' weight-loading bars, so the demo's own progress stays readable."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    for pattern in (r".* engine is not available", r".*Apex is not installed", r"Transformer Engine and Apex"):
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+    hf_logging.disable_progress_bar()
+
+
+def jsonl_path(out_dir: str | Path, arm_name: str) -> Path:
+    return Path(out_dir) / f"{arm_name}.jsonl"
+
+
+def _all_gather_rows(local: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def _validate(rollout, cfg: RunConfig) -> float:
+    """Held-out accuracy: one temperature-``T`` sample per problem, problems split over ranks."""
+    problems = cfg.task.sample(cfg.val_problems, cfg.seed, STREAM_EVAL, 0)
+    # Step 0 is never a training step, so validation draws its own samples; start and end share them.
+    samples = rollout.sample(problems, group_size=1, seed=cfg.seed, step=0)
+    return sum(samples.rewards) / len(samples.rewards)
+
+
+def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
+    """Train one arm; rank 0 writes ``<out_dir>/<arm>.jsonl`` and returns what it measured."""
+    quiet_known_warnings()
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.core_algos import agg_loss
+    from verl.trainer.ppo.metric_utils import compute_data_metrics, compute_timing_metrics
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+    from verl.utils.debug.metrics import calculate_debug_metrics
+    from verl.utils.profiler.performance import simple_timer
+
+    from cw_verl.demo.rollout import Rollout, to_data_proto
+
+    cfg.validate(world_size)
+    init_start = time.perf_counter()
+    setup = harness.ActorSetup(
+        model_path=cfg.model_path,
+        rollout_n=cfg.group_size,
+        ppo_mini_batch_size=cfg.prompts_per_step // cfg.mini_batches_per_step,
+        loss_mode=arm.loss_mode,
+        ppo_micro_batch_size_per_gpu=cfg.micro_batch_size_per_gpu,
+        use_dynamic_bsz=cfg.use_dynamic_bsz,
+        ppo_max_token_len_per_gpu=cfg.max_token_len_per_gpu,
+        lr=cfg.lr,
+        lr_warmup_steps_ratio=cfg.lr_warmup_steps_ratio,
+        clip_ratio=cfg.clip_ratio,
+        total_training_steps=cfg.steps,
+        temperature=cfg.temperature,
+        data_loader_seed=cfg.seed,
+    )
+    actor = harness.build_actor(setup)
+    rollout = Rollout(cfg.model_path, cfg.task, cfg.temperature)
+    algo = AlgoConfig(adv_estimator=arm.adv_estimator, norm_adv_by_std_in_grpo=True)
+    init_seconds = time.perf_counter() - init_start
+
+    tracker = None
+    if rank == 0:
+        from verl.utils.tracking import Tracking
+
+        path = jsonl_path(cfg.out_dir, arm.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # verl's FileLogger writes to $VERL_FILE_LOGGER_PATH, else <root>/<project>/<experiment>.jsonl.
+        os.environ["VERL_FILE_LOGGER_PATH"] = str(path)
+        tracker = Tracking(
+            project_name=cfg.project_name,
+            experiment_name=arm.name,
+            default_backend=["file"],
+            config={"arm": asdict(arm), "run": asdict(cfg)},
+        )
+
+    rollout.sync_weights(actor)
+    val_start = _validate(rollout, cfg)
+    if tracker is not None:
+        tracker.log({VAL_KEY: val_start}, step=0)
+
+    progress = None
+    if rank == 0 and cfg.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.steps, desc=f"{arm.name:>8}", file=sys.stderr, dynamic_ncols=True)
+    step_seconds = []
+    try:
+        for step in range(1, cfg.steps + 1):
+            timing: dict[str, float] = {}
+            metrics: dict[str, float] = {}
+            with simple_timer("step", timing):
+                prompts = cfg.task.sample(cfg.prompts_per_step, cfg.seed, STREAM_RL, step)
+                with simple_timer("gen", timing):
+                    rollout.sync_weights(actor)
+                    samples = rollout.sample(prompts, cfg.group_size, cfg.seed, step)
+                batch = to_data_proto(samples, cfg.task)
+
+                with simple_timer("old_log_prob", timing):
+                    log_probs, entropy = harness.compute_log_prob(actor, harness.dp_chunk(batch))
+                batch.batch["old_log_probs"] = _all_gather_rows(log_probs)
+                batch.batch["entropys"] = _all_gather_rows(entropy)
+                metrics["actor/entropy"] = agg_loss(
+                    loss_mat=batch.batch["entropys"],
+                    loss_mask=batch.batch["response_mask"],
+                    loss_agg_mode=actor.config.loss_agg_mode,
+                ).item()
+                metrics.update(calculate_debug_metrics(batch))
+
+                with simple_timer("adv", timing):
+                    batch = compute_advantage(
+                        batch,
+                        adv_estimator=arm.adv_estimator,
+                        num_repeat=cfg.group_size,
+                        norm_adv_by_std_in_grpo=algo.norm_adv_by_std_in_grpo,
+                        config=algo,
+                    )
+
+                with simple_timer("update_actor", timing):
+                    train_batch = batch.select(
+                        batch_keys=[
+                            "prompts",
+                            "responses",
+                            "input_ids",
+                            "attention_mask",
+                            "position_ids",
+                            "response_mask",
+                            "old_log_probs",
+                            "advantages",
+                        ],
+                        # As verl's trainers do: the prompts' uid reaches the actor (cw_grpo_group uses it).
+                        non_tensor_batch_keys=["uid"],
+                    )
+                    metrics.update(harness.train_step(actor, harness.dp_chunk(train_batch)))
+
+            metrics.update(compute_data_metrics(batch, use_critic=False))
+            metrics.update(compute_timing_metrics(batch, timing))
+            metrics["training/global_step"] = step
+            metrics["training/epoch"] = 0
+            step_seconds.append(timing["step"])
+            if step == cfg.steps:
+                rollout.sync_weights(actor)
+                metrics[VAL_KEY] = _validate(rollout, cfg)
+            if tracker is not None:
+                tracker.log(metrics, step=step)
+            if progress is not None:
+                progress.set_postfix(
+                    reward=f"{metrics['critic/score/mean']:.2f}", entropy=f"{metrics['actor/entropy']:.3f}"
+                )
+                progress.update(1)
+    finally:
+        if progress is not None:
+            progress.close()
+        if tracker is not None:
+            tracker.finish()
+    if rank != 0:
+        return {}
+    return {
+        "arm": arm.name,
+        "jsonl": str(jsonl_path(cfg.out_dir, arm.name)),
+        "init_seconds": init_seconds,
+        "step_seconds": step_seconds,
+    }

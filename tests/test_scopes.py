@@ -1,0 +1,101 @@
+"""Statistics scopes through verl's micro-batching (fixed and dynamic) and the patched engine entry point:
+mini-batch and group scopes give the same update for any micro-batch size, packing and DP size; the
+per-call scope does not, and all scopes agree where they must."""
+
+import pytest
+import torch
+
+from cw_verl.weights import CovarianceInputError
+from tests.fake_engine import GROUP_SIZE, NUM_SEQUENCES, train_step
+from tests.ranks import run_on_ranks
+
+INVARIANT_MODES = ["cw_grpo_minibatch", "cw_grpo_group", "cw_grpo"]
+# (micro_batch_size, dynamic_tokens, uneven shards) per rank; dynamic batching equalises the call count.
+SINGLE_RANK_VARIANTS = [(1, None, False), (2, None, False), (4, None, False), (8, None, False), (None, 20, False)]
+MULTI_RANK_VARIANTS = [(1, None, False), (4, None, False), (None, 20, False), (None, 1000, True)]
+
+
+def sweep(rank, world_size, variants, modes):
+    return {
+        (mode, variant): train_step(rank, world_size, mode, variant[0], variant[1], uneven=variant[2])["grads"]
+        for mode in modes
+        for variant in variants
+    }
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One rank, one micro-batch holding the whole mini-batch."""
+    return {mode: train_step(0, 1, mode, NUM_SEQUENCES) for mode in INVARIANT_MODES + ["cw_grpo_microbatch"]}
+
+
+def test_single_rank_update_does_not_depend_on_micro_batching(reference):
+    for mode in INVARIANT_MODES:
+        for micro_batch_size, dynamic_tokens, _ in SINGLE_RANK_VARIANTS:
+            step = train_step(0, 1, mode, micro_batch_size, dynamic_tokens)
+            assert len(step["micro_batch_sizes"]) > 1
+            torch.testing.assert_close(step["grads"], reference[mode]["grads"], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_update_does_not_depend_on_data_parallel_size_or_packing(world_size, reference):
+    variants = MULTI_RANK_VARIANTS if world_size == 2 else [(1, None, False), (None, 20, False)]
+    results = run_on_ranks(sweep, world_size, variants, INVARIANT_MODES)
+    for per_rank in results:
+        for (mode, _), grads in per_rank.items():
+            torch.testing.assert_close(grads, reference[mode]["grads"], rtol=1e-12, atol=1e-15)
+
+
+def test_per_call_scope_changes_with_the_micro_batch_size(reference):
+    """The bug the wider scopes fix (verl issue #7829's shape): same data, another micro-batch size."""
+    whole = reference["cw_grpo_microbatch"]["grads"]
+    for micro_batch_size in (1, 2, 4):
+        split = train_step(0, 1, "cw_grpo_microbatch", micro_batch_size)["grads"]
+        assert (split - whole).abs().max().item() > 1e-4
+
+
+def test_minibatch_scope_equals_per_call_scope_on_policy_with_one_micro_batch():
+    per_call = train_step(0, 1, "cw_grpo_microbatch", NUM_SEQUENCES, on_policy=True)
+    minibatch = train_step(0, 1, "cw_grpo_minibatch", NUM_SEQUENCES, on_policy=True)
+    torch.testing.assert_close(minibatch["grads"], per_call["grads"], rtol=1e-10, atol=1e-14)
+    assert minibatch["metrics"][0]["actor/cw/sigma"] == pytest.approx(per_call["metrics"][0]["actor/cw/sigma"])
+
+
+def test_group_scope_equals_per_call_scope_when_a_micro_batch_is_one_group_on_policy():
+    """trl's layout in the paper: each loss call saw exactly one prompt's G responses."""
+    kw = dict(on_policy=True, interleaved_groups=False)
+    per_call = train_step(0, 1, "cw_grpo_microbatch", GROUP_SIZE, **kw)
+    group = train_step(0, 1, "cw_grpo_group", GROUP_SIZE, **kw)
+    torch.testing.assert_close(group["grads"], per_call["grads"], rtol=1e-10, atol=1e-14)
+    # ...and differs from the mini-batch scope, which pools the groups.
+    minibatch = train_step(0, 1, "cw_grpo_minibatch", GROUP_SIZE, **kw)
+    assert (minibatch["grads"] - group["grads"]).abs().max().item() > 1e-4
+
+
+def test_wide_scopes_emit_the_same_metrics_on_every_call_and_rank():
+    results = run_on_ranks(train_step, 2, "cw_grpo_minibatch", 2)
+    metrics = [m for r in results for m in r["metrics"]]
+    assert len(metrics) == 8
+    for key in ("actor/cw/sigma", "actor/cw/num_tokens", "actor/cw/weight_min", "actor/cw/weight_max"):
+        assert len({m[key] for m in metrics}) == 1, key
+
+
+def test_group_scope_refuses_incomplete_groups():
+    with pytest.raises(CovarianceInputError, match="rollout.n=3"):
+        train_step(0, 1, "cw_grpo_group", 4, rollout_n=3)
+
+
+def test_wide_scopes_outside_an_engine_call_say_how_to_use_them():
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    from tests.toy_policy import actor_config, global_batch
+
+    batch = global_batch()
+    with pytest.raises(RuntimeError, match="once per optimizer mini-batch"):
+        get_policy_loss_fn("cw_grpo_minibatch")(
+            old_log_prob=batch["old_log_prob"],
+            log_prob=batch["old_log_prob"],
+            advantages=batch["advantages"],
+            response_mask=batch["mask"],
+            config=actor_config(),
+        )
