@@ -11,7 +11,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from cw_verl.verl_losses import CW_GRPO, LOSS_MODES
+from cw_verl.verl_losses import CW_GRPO, GROUP, LOSS_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +58,27 @@ def align_loss_mode_with_estimator(config: DictConfig, explicit_keys: set[str]) 
         f"{LOSS_MODE_KEY}={loss_mode}. Drop the loss_mode override (it then follows the estimator), set it to "
         f"one of {sorted(cw_loss_modes())}, or use {ESTIMATOR_KEY}=grpo for a {loss_mode} baseline."
     )
+
+
+def check_group_scope(config: DictConfig) -> None:
+    """``cw_grpo_group`` needs every prompt's responses in one optimizer mini-batch.
+
+    verl reorders the batch over data-parallel ranks (``trainer.balance_batch``) and each rank slices its
+    chunk into mini-batches, so with several mini-batches per step a group's responses land in different
+    ones. One mini-batch per step (the paper's on-policy setting) keeps every group whole.
+
+    Raises:
+        ConfigConflictError: several mini-batches per step with the group scope.
+    """
+    loss_mode = OmegaConf.select(config, LOSS_MODE_KEY, default=VERL_DEFAULT_LOSS_MODE)
+    if LOSS_MODES.get(loss_mode) != GROUP:
+        return
+    mini = OmegaConf.select(config, "actor_rollout_ref.actor.ppo_mini_batch_size")
+    batch = OmegaConf.select(config, "data.train_batch_size")
+    if mini is not None and batch is not None and mini != batch:
+        raise ConfigConflictError(
+            f"{LOSS_MODE_KEY}={loss_mode} computes statistics per prompt group, which needs each prompt's responses "
+            f"in one optimizer mini-batch; ppo_mini_batch_size={mini} < data.train_batch_size={batch} splits groups "
+            f"over mini-batches. Set actor_rollout_ref.actor.ppo_mini_batch_size={batch}, or use {CW_GRPO} (the "
+            "mini-batch scope)."
+        )

@@ -27,6 +27,7 @@ log-sum-exp across ranks, so weights cannot underflow to 0/0 even when every ``c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,13 +51,8 @@ class CovarianceInputError(ValueError):
 
 
 @dataclass(frozen=True)
-class ScopeStatistics:
-    """Global statistics of every segment in scope, identical on every rank (float64 tensors ``[S]``).
-
-    ``keys`` are sorted. ``cov_mean`` is ``mean(c)`` (the population covariance of log-prob and
-    advantage) and ``variance`` the population variance of ``c``; ``log_normaliser`` and ``q_shift``
-    give ``w~ = exp(q_shift - c^2 / 2 variance + log_normaliser)``. ``rows`` counts sequences.
-    """
+class Moments:
+    """Global per-segment moments after round 1 (CPU float64 tensors ``[S]``)."""
 
     keys: torch.Tensor
     rows: torch.Tensor
@@ -65,6 +61,19 @@ class ScopeStatistics:
     adv_mean: torch.Tensor
     cov_mean: torch.Tensor
     variance: torch.Tensor
+    num_bad: int
+    num_malformed: int
+
+
+@dataclass(frozen=True)
+class ScopeStatistics(Moments):
+    """Global statistics of every segment in scope, identical on every rank (float64 tensors ``[S]``).
+
+    ``keys`` are sorted. ``cov_mean`` is ``mean(c)`` (the population covariance of log-prob and
+    advantage) and ``variance`` the population variance of ``c``; ``log_normaliser`` and ``q_shift``
+    give ``w~ = exp(q_shift - c^2 / 2 variance + log_normaliser)``. ``rows`` counts sequences.
+    """
+
     q_shift: torch.Tensor
     log_normaliser: torch.Tensor
     weight_min: torch.Tensor
@@ -199,21 +208,6 @@ def local_round1(tokens: CompactTokens, row_keys: torch.Tensor | None, num_rows:
     return table
 
 
-@dataclass(frozen=True)
-class Moments:
-    """Global per-segment moments after round 1 (CPU float64 tensors ``[S]``)."""
-
-    keys: torch.Tensor
-    rows: torch.Tensor
-    num_tokens: torch.Tensor
-    logp_mean: torch.Tensor
-    adv_mean: torch.Tensor
-    cov_mean: torch.Tensor
-    variance: torch.Tensor
-    num_bad: int
-    num_malformed: int
-
-
 def merge_round1(stack: torch.Tensor) -> Moments:
     """Merge the gathered round-1 tables ``[R, S_max, 15]`` into per-segment moments, on every rank alike."""
     # One device-to-host copy; the merge is a few dozen flops per row.
@@ -346,13 +340,7 @@ def scope_statistics(
         q_shift = log_normaliser = torch.zeros(num_segments, dtype=F64)
         weight_min = weight_max = torch.ones(num_segments, dtype=F64)
     stats = ScopeStatistics(
-        keys=moments.keys,
-        rows=moments.rows,
-        num_tokens=moments.num_tokens,
-        logp_mean=moments.logp_mean,
-        adv_mean=moments.adv_mean,
-        cov_mean=moments.cov_mean,
-        variance=moments.variance,
+        **{f.name: getattr(moments, f.name) for f in dataclasses.fields(Moments)},
         q_shift=q_shift,
         log_normaliser=log_normaliser,
         weight_min=weight_min,

@@ -1,10 +1,10 @@
-"""verl 0.9.1: apply cw_verl's config rule inside ``verl.utils.config.validate_config``.
+"""verl 0.9.1: apply cw_verl's config rules inside ``verl.utils.config.validate_config``.
 
 ``main_ppo.main`` (and ``main_ppo_v0``, ``one_step_off_policy``) call ``validate_config(config, ...)`` on the
 composed Hydra config before ``ray.init`` and before any worker exists; the wrapper first makes the actor's
-``loss_mode`` follow ``algorithm.adv_estimator=cw_grpo`` or stops the run on a conflict
-(:mod:`cw_verl.config_rules`). Those modules import the function by name after ``import verl`` has run the
-plugin, so rebinding the module attributes here is enough.
+``loss_mode`` follow ``algorithm.adv_estimator=cw_grpo`` or stops the run on a conflict, and refuses a group
+scope that verl's mini-batching would split (:mod:`cw_verl.config_rules`). Those modules import the
+function by name after ``import verl`` has run the plugin, so rebinding the module attributes is enough.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from cw_verl.config_rules import align_loss_mode_with_estimator, explicit_override_keys
+from cw_verl.config_rules import align_loss_mode_with_estimator, check_group_scope, explicit_override_keys
 
 _PATCHED = "_cw_verl_config_rules"
 
@@ -36,6 +36,7 @@ def patch(config_module) -> None:
     @functools.wraps(original)
     def validate_config(config, *args, **kwargs):
         align_loss_mode_with_estimator(config, explicit_override_keys(_command_line_overrides()))
+        check_group_scope(config)
         return original(config, *args, **kwargs)
 
     setattr(validate_config, _PATCHED, True)

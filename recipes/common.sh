@@ -33,7 +33,10 @@ DRY_RUN=${DRY_RUN:-0}
 case "$ARM" in
     grpo) ADV_ESTIMATOR=grpo LOSS_MODE=vanilla ;;
     clip_cov) ADV_ESTIMATOR=grpo LOSS_MODE=clip_cov ;;
-    cw_grpo) ADV_ESTIMATOR=cw_grpo LOSS_MODE=cw_grpo ;;
+    # The paper's statistics scope: each prompt's G responses (Sec. 2.3; trl's loss call saw exactly one
+    # group). Whole groups are guaranteed here by the one mini-batch per step. CW_LOSS_MODE=cw_grpo takes
+    # cw_verl's default mini-batch scope instead (README: statistics scopes).
+    cw_grpo) ADV_ESTIMATOR=cw_grpo LOSS_MODE=${CW_LOSS_MODE:-cw_grpo_group} ;;
     *) die "ARM must be grpo, clip_cov or cw_grpo (got '$ARM')" ;;
 esac
 

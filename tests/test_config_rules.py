@@ -12,6 +12,7 @@ from cw_verl.config_rules import (
     LOSS_MODE_KEY,
     ConfigConflictError,
     align_loss_mode_with_estimator,
+    check_group_scope,
     explicit_override_keys,
 )
 
@@ -44,6 +45,19 @@ def test_consistent_or_unrelated_settings_are_left_alone():
     config = verl_config("algorithm.adv_estimator=grpo", f"{LOSS_MODE_KEY}=clip_cov")
     assert align_loss_mode_with_estimator(config, {LOSS_MODE_KEY}) is None
     assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "clip_cov"
+
+
+def test_group_scope_needs_one_mini_batch_per_step():
+    whole = verl_config(
+        f"{LOSS_MODE_KEY}=cw_grpo_group", "data.train_batch_size=12", "actor_rollout_ref.actor.ppo_mini_batch_size=12"
+    )
+    check_group_scope(whole)
+    split = verl_config(
+        f"{LOSS_MODE_KEY}=cw_grpo_group", "data.train_batch_size=12", "actor_rollout_ref.actor.ppo_mini_batch_size=6"
+    )
+    with pytest.raises(ConfigConflictError, match="ppo_mini_batch_size=12"):
+        check_group_scope(split)
+    check_group_scope(verl_config(f"{LOSS_MODE_KEY}=cw_grpo", "actor_rollout_ref.actor.ppo_mini_batch_size=6"))
 
 
 def test_override_keys_strip_hydra_prefixes():

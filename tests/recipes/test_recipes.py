@@ -121,7 +121,7 @@ def test_arms_differ_only_in_the_algorithm_and_run_names(runs, model):
     assert {arm: flat[arm]["actor_rollout_ref.actor.policy_loss.loss_mode"] for arm in ARMS} == {
         "grpo": "vanilla",
         "clip_cov": "clip_cov",
-        "cw_grpo": "cw_grpo",
+        "cw_grpo": "cw_grpo_group",  # the paper's per-prompt-group statistics
     }
     for arm in ARMS[1:]:
         assert flat[arm].keys() == flat["grpo"].keys()
