@@ -5,7 +5,7 @@
 
 For each micro-batch shape and log-prob dtype it prints, per loss, the median wall time of the loss call
 alone (``forward``) and of the loss call plus ``backward`` to the log-probs (``fwd+bwd``), measured with
-``torch.utils.benchmark`` (warm-up and repetition handled there), as a ratio to verl's ``vanilla``
+``torch.utils.benchmark`` in interleaved rounds (the median over rounds), as a ratio to verl's ``vanilla``
 measured in the same run, and the peak memory the fwd+bwd call allocates on top of its inputs (from
 torch.profiler's memory timeline). Inputs look like a GRPO micro-batch: per-sequence advantages of groups
 of 8, ragged response masks, log-probs that require grad. Metrics are on (verl's policy losses always
@@ -156,7 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--losses", nargs="+", default=["vanilla", "clip_cov", "cw_grpo@first", "cw_grpo@later", "cw_grpo_microbatch"]
     )
-    parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per measurement")
+    parser.add_argument("--min-run-time", type=float, default=4.0, help="seconds per measurement, over all rounds")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds per measurement")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory timeline")
     parser.add_argument(
         "--threads",
@@ -178,15 +179,19 @@ def main(argv=None) -> int:
         batch, length = (int(x) for x in shape.split("x"))
         for dtype_name in args.dtypes:
             inputs = make_inputs(batch, length, getattr(torch, dtype_name))
+            # Interleaved rounds (every loss once per round), median over rounds: this VM's timing drifts
+            # by tens of percent over seconds, which a loss-after-loss schedule would turn into ratios.
+            runs = {(name, bwd): loss_call(name, inputs, config, bwd) for name in args.losses for bwd in (False, True)}
+            timers = {key: benchmark.Timer(stmt="run()", globals={"run": run}) for key, run in runs.items()}
+            samples = {key: [] for key in runs}
+            per_round = args.min_run_time / args.rounds
+            for _ in range(args.rounds):
+                for key, timer in timers.items():
+                    samples[key].append(timer.blocked_autorange(min_run_time=per_round).median)
             results = {}
             for name in args.losses:
-                medians = []
-                for backward in (False, True):
-                    run = loss_call(name, inputs, config, backward)
-                    timer = benchmark.Timer(stmt="run()", globals={"run": run})
-                    medians.append(timer.blocked_autorange(min_run_time=args.min_run_time).median)
                 memory = None if args.no_memory else peak_extra_bytes(loss_call(name, inputs, config, True))
-                results[name] = (*medians, memory)
+                results[name] = (float(np.median(samples[name, False])), float(np.median(samples[name, True])), memory)
             base = results.get("vanilla", (float("nan"),) * 2)
             for name, (fwd, both, memory) in results.items():
                 line = f"{shape:>9} {dtype_name:>8} {name:>19} {fwd * 1e3:>10.2f} {fwd / base[0]:>6.2f}"

@@ -81,7 +81,10 @@ def clipped_surrogate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token PPO losses of the valid tokens (1-D tensors), and ``[clipfrac, ppo_kl, clipfrac_lower]``
     (detached; denominators as verl's ``masked_mean``)."""
-    log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
+    # Half-precision log-probs are upcast: exp and the clipping branches are cheaper and more accurate in
+    # float32 (the gradient flows back to the caller's dtype).
+    compute = torch.promote_types(log_prob.dtype, torch.float32)
+    log_ratio = (log_prob.to(compute) - old_log_prob.to(compute)).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     positive = advantages >= 0
     effective_ratio = torch.where(positive, ratio.clamp(max=1.0 + clip.high), ratio.clamp(1.0 - clip.low, clip.dual))

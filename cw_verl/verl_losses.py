@@ -135,14 +135,15 @@ def mini_batch_statistics(scope: str, group, config) -> tuple[ScopeStatistics, d
     if scope not in call.cache:
         old_log_prob, advantages, mask = _padded(call.mini_batch, "old_log_probs", "advantages", "response_mask")
         problem = check_inputs(old_log_prob, advantages, mask)
-        tokens = CompactTokens.from_padded(old_log_prob, advantages, mask) if problem is None else None
+        if problem is None:
+            tokens = CompactTokens.from_padded(old_log_prob, advantages, mask)
+        else:
+            tokens = CompactTokens.empty(getattr(old_log_prob, "device", None))
         row_keys, max_segments = None, 1
         if scope == GROUP:
             row_keys = uid_keys(_row_uids(call.mini_batch))
             global_rows = int(config.global_batch_info.get("global_batch_size") or len(row_keys))
             max_segments = max(1, global_rows // max(1, int(config.rollout_n)))
-        if tokens is None:
-            tokens = CompactTokens.from_padded(*(torch.zeros(0, 0),) * 3)
         stats, c, q = scope_statistics(tokens, group_gather(group), row_keys, None, max_segments, problem)
         if scope == GROUP and not bool((stats.rows == config.rollout_n).all()):
             raise CovarianceInputError(
@@ -200,7 +201,7 @@ def cw_grpo_policy_loss(
         if problem is None:
             tokens = CompactTokens.from_padded(log_prob, advantages, response_mask)
         else:
-            tokens = CompactTokens.from_padded(*(torch.zeros(0, 0),) * 3)
+            tokens = CompactTokens.empty(getattr(log_prob, "device", None))
         stats, cov, q = scope_statistics(tokens, group_gather(group), problem=problem)
         weights, cov = token_weights(tokens, stats, q=q, c=cov)
         metrics = dict(covariance_metrics(weights, cov, stats))
@@ -210,7 +211,8 @@ def cw_grpo_policy_loss(
         if problem is not None:
             raise CovarianceInputError(problem)
         tokens = CompactTokens.from_padded(old_log_prob, advantages, response_mask)
-        row_keys = uid_keys(_row_uids(current_loss_call().micro_batch)) if scope == GROUP else None
+        call = current_loss_call()
+        row_keys = uid_keys(_row_uids(call.micro_batch if call else None)) if scope == GROUP else None
         weights, _ = token_weights(tokens, stats, row_keys)
     if stats.total_tokens == 0:
         metrics.update({"actor/pg_clipfrac": 0.0, "actor/ppo_kl": 0.0, "actor/pg_clipfrac_lower": 0.0})

@@ -119,6 +119,12 @@ class CompactTokens:
             adv=advantages.detach().flatten()[index].to(F64),
         )
 
+    @classmethod
+    def empty(cls, device=None) -> CompactTokens:
+        """No tokens: what a rank with unusable input contributes while it still joins the collectives."""
+        nothing = torch.zeros(0, dtype=F64, device=device)
+        return cls(torch.Size([0, 0]), nothing.long(), nothing.long(), nothing, nothing)
+
     def scatter(self, values: torch.Tensor, fill: float) -> torch.Tensor:
         """A ``[B, T]`` tensor holding ``values`` at the valid positions and ``fill`` elsewhere."""
         out = torch.full((self.shape.numel(),), fill, dtype=values.dtype, device=values.device)
@@ -408,8 +414,7 @@ def covariance_weights(
     if problem is None:
         tokens = CompactTokens.from_padded(log_prob, advantages, mask)
     else:
-        empty = torch.zeros(0, dtype=F64, device=getattr(log_prob, "device", None))
-        tokens = CompactTokens(torch.Size([0, 0]), empty.long(), empty.long(), empty, empty)
+        tokens = CompactTokens.empty(getattr(log_prob, "device", None))
     stats, c, q = scope_statistics(tokens, gather, row_keys, None, max_segments, problem)
     weights, c = token_weights(tokens, stats, row_keys, q=q, c=c)
     return tokens.scatter(weights, 1.0), tokens.scatter(c, 0.0), stats

@@ -250,3 +250,24 @@ def test_v1_multi_trajectory_path_treats_cw_grpo_as_grpo():
     # Without the patch the name falls through to per-row GRPO, which scores every turn: the test can fail.
     unpatched = run(patched.__wrapped__, "cw_grpo")
     assert not torch.equal(unpatched, grpo)
+
+
+def test_malformed_loss_inputs_raise_a_precise_error():
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    from cw_verl.weights import CovarianceInputError
+
+    batch = global_batch(torch.float64)
+    args = dict(
+        old_log_prob=batch["old_log_prob"][:, :-1],
+        log_prob=batch["old_log_prob"],
+        advantages=batch["advantages"],
+        response_mask=batch["mask"],
+        config=actor_config(),
+    )
+    with pytest.raises(CovarianceInputError, match="old_log_prob has shape"):
+        get_policy_loss_fn("cw_grpo_microbatch")(**args)
+    args["old_log_prob"] = batch["old_log_prob"]
+    args["advantages"] = batch["advantages"][:, :3]
+    with pytest.raises(CovarianceInputError, match=r"same \[batch, length\] shape"):
+        get_policy_loss_fn("cw_grpo_microbatch")(**args)
