@@ -178,6 +178,13 @@ def dp_chunk(batch, rank: int | None = None, world_size: int | None = None):
     return batch.chunk(world_size)[rank]
 
 
+def all_gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order (what verl's collect does after a DP dispatch)."""
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def _to_no_padding(batch, **meta):
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import left_right_2_no_padding

@@ -15,7 +15,6 @@ import dataclasses
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +33,6 @@ class Variant:
     @property
     def label(self) -> str:
         return f"dynamic<={self.max_token_len} tokens" if self.max_token_len else f"{self.micro_batch_size} seq"
-
-
-def _all_gather_rows(local: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local.contiguous())
-    return torch.cat(parts)
 
 
 def save_shared_batch(rank: int, world_size: int, model_path: str, prompts: int, group_size: int, seed: int, path):
@@ -67,7 +60,7 @@ def shared_batch(actor, model_path: str, prompts: int, group_size: int, seed: in
     rollout.sync_weights(actor)
     batch = to_data_proto(rollout.sample(task.sample(prompts, seed, STREAM_RL, 1), group_size, seed, 1), task)
     log_probs, _ = harness.compute_log_prob(actor, harness.dp_chunk(batch))
-    batch.batch["old_log_probs"] = _all_gather_rows(log_probs)
+    batch.batch["old_log_probs"] = harness.all_gather_rows(log_probs)
     batch = compute_advantage(
         batch, adv_estimator="grpo", num_repeat=group_size, config=AlgoConfig(adv_estimator="grpo")
     )
@@ -188,7 +181,7 @@ def updates_per_variant(rank: int, world_size: int, model_path: str, variants: l
         results[variant] = {
             "gradient": gradient["gradient"],
             "delta": delta,
-            "weights": _all_gather_rows(weights) if weights is not None else None,
+            "weights": harness.all_gather_rows(weights) if weights is not None else None,
             "loss_calls": len(calls),
         }
         del actor

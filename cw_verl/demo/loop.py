@@ -22,9 +22,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from cw_verl.cpu import harness
 from cw_verl.demo.task import STREAM_EVAL, STREAM_RL, ReversalTask
 
@@ -101,12 +98,6 @@ def quiet_known_warnings() -> None:
 
 def jsonl_path(out_dir: str | Path, arm_name: str) -> Path:
     return Path(out_dir) / f"{arm_name}.jsonl"
-
-
-def _all_gather_rows(local: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local.contiguous())
-    return torch.cat(parts, dim=0)
 
 
 def _validate(rollout, cfg: RunConfig) -> float:
@@ -190,8 +181,8 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
 
                 with simple_timer("old_log_prob", timing):
                     log_probs, entropy = harness.compute_log_prob(actor, harness.dp_chunk(batch))
-                batch.batch["old_log_probs"] = _all_gather_rows(log_probs)
-                batch.batch["entropys"] = _all_gather_rows(entropy)
+                batch.batch["old_log_probs"] = harness.all_gather_rows(log_probs)
+                batch.batch["entropys"] = harness.all_gather_rows(entropy)
                 metrics["actor/entropy"] = agg_loss(
                     loss_mat=batch.batch["entropys"],
                     loss_mask=batch.batch["response_mask"],

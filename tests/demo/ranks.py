@@ -4,41 +4,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.distributed as dist
 
 GROUP_SIZE = 4
 PROMPTS = 8
 PROMPTS_PER_MINI_BATCH = 4
-
-
-def _all_gather_rows(local: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local.contiguous())
-    return torch.cat(parts)
-
-
-def _real_batch(actor, model_path: str, seed: int):
-    """One RL step's batch from the demo pipeline: rollout, reward, verl's old log-probs and GRPO advantages."""
-    from verl.trainer.config import AlgoConfig
-    from verl.trainer.ppo.ray_trainer import compute_advantage
-
-    from cw_verl.cpu import harness
-    from cw_verl.demo.rollout import Rollout, to_data_proto
-    from cw_verl.demo.task import STREAM_RL, ReversalTask
-
-    task = ReversalTask()
-    rollout = Rollout(model_path, task, temperature=1.0)
-    rollout.sync_weights(actor)
-    samples = rollout.sample(task.sample(PROMPTS, seed, STREAM_RL, 1), GROUP_SIZE, seed, 1)
-    batch = to_data_proto(samples, task)
-    log_probs, _ = harness.compute_log_prob(actor, harness.dp_chunk(batch))
-    batch.batch["old_log_probs"] = _all_gather_rows(log_probs)
-    batch = compute_advantage(
-        batch, adv_estimator="grpo", num_repeat=GROUP_SIZE, config=AlgoConfig(adv_estimator="grpo")
-    )
-    keys = ["prompts", "responses", "input_ids", "attention_mask", "position_ids", "response_mask"]
-    return batch.select(batch_keys=keys + ["old_log_probs", "advantages"])
 
 
 def one_update_per_loss_mode(
@@ -60,6 +30,7 @@ def one_update_per_loss_mode(
     """
     call_overrides = call_overrides or {}
     from cw_verl.cpu import harness
+    from cw_verl.cpu.studies import shared_batch
 
     watched = sorted(set(loss_modes) | {"vanilla"})
     batch = None
@@ -76,7 +47,7 @@ def one_update_per_loss_mode(
             )
         )
         if batch is None:
-            batch = _real_batch(actor, model_path, seed)
+            batch = shared_batch(actor, model_path, PROMPTS, GROUP_SIZE, seed)
         local = harness.dp_chunk(batch)
         before = harness.local_shards(actor)
         counters = {}
