@@ -42,8 +42,8 @@ from cw_verl.weights import (
     CovarianceInputError,
     ScopeStatistics,
     check_inputs,
-    scope_statistics,
     token_weights,
+    weigh_tokens,
 )
 
 CW_GRPO = "cw_grpo"
@@ -55,6 +55,10 @@ LOSS_MODES = {
     f"{CW_GRPO}_{MINIBATCH}": MINIBATCH,
     f"{CW_GRPO}_{GROUP}": GROUP,
 }
+
+# Callables ``(old_log_prob, response_mask, weights)`` run on every CW-GRPO loss call with the [B, T] weights
+# it applied: for studies and debugging (cw_verl.cpu.studies); empty, and free, in training.
+weight_observers: list = []
 
 # The paper's Table 1 percentiles, as fractions of the valid tokens.
 TABLE1_PERCENTILES = ((0.0001, "0.01pct"), (0.01, "1pct"), (0.2, "20pct"), (0.4, "40pct"))
@@ -144,14 +148,13 @@ def mini_batch_statistics(scope: str, group, config) -> tuple[ScopeStatistics, d
             row_keys = uid_keys(_row_uids(call.mini_batch))
             global_rows = int(config.global_batch_info.get("global_batch_size") or len(row_keys))
             max_segments = max(1, global_rows // max(1, int(config.rollout_n)))
-        stats, c, q = scope_statistics(tokens, group_gather(group), row_keys, None, max_segments, problem)
+        weights, c, stats = weigh_tokens(tokens, group_gather(group), row_keys, max_segments, problem)
         if scope == GROUP and not bool((stats.rows == config.rollout_n).all()):
             raise CovarianceInputError(
                 f"cw_grpo_group: prompt groups in this mini-batch have {sorted(set(stats.rows.long().tolist()))} "
                 f"responses, not rollout.n={config.rollout_n}; the group scope needs each prompt's responses in one "
                 "mini-batch (ppo_mini_batch_size in whole prompts, no multi-trajectory outputs)."
             )
-        weights, c = token_weights(tokens, stats, row_keys, q=q, c=c)
         call.cache[scope] = (stats, covariance_metrics(weights, c, stats))
     return call.cache[scope]
 
@@ -202,8 +205,7 @@ def cw_grpo_policy_loss(
             tokens = CompactTokens.from_padded(log_prob, advantages, response_mask)
         else:
             tokens = CompactTokens.empty(getattr(log_prob, "device", None))
-        stats, cov, q = scope_statistics(tokens, group_gather(group), problem=problem)
-        weights, cov = token_weights(tokens, stats, q=q, c=cov)
+        weights, cov, stats = weigh_tokens(tokens, group_gather(group), problem=problem)
         metrics = dict(covariance_metrics(weights, cov, stats))
     else:
         stats, metrics = mini_batch_statistics(scope, group, config)
@@ -218,6 +220,8 @@ def cw_grpo_policy_loss(
         metrics.update({"actor/pg_clipfrac": 0.0, "actor/ppo_kl": 0.0, "actor/pg_clipfrac_lower": 0.0})
         return _zero_loss(log_prob, response_mask), metrics
 
+    for observer in weight_observers:
+        observer(old_log_prob, response_mask, tokens.scatter(weights, 1.0))
     index = tokens.index
     is_weights = None if rollout_is_weights is None else rollout_is_weights.flatten()[index]
     token_losses, pg_stats = clipped_surrogate(

@@ -278,7 +278,6 @@ def scope_statistics(
     tokens: CompactTokens,
     gather: Gather,
     row_keys: torch.Tensor | None = None,
-    num_rows: int | None = None,
     max_segments: int = 1,
     problem: str | None = None,
 ) -> tuple[ScopeStatistics, torch.Tensor, torch.Tensor]:
@@ -288,9 +287,8 @@ def scope_statistics(
     ``max_segments`` bounds the segments any rank holds (every rank ships a table of that many rows).
     ``problem``: this rank's inputs are unusable; it still joins round 1 so that every rank raises.
     """
-    num_rows = int(tokens.shape[0]) if num_rows is None else num_rows
     if problem is None:
-        table = local_round1(tokens, row_keys, num_rows, max_segments)
+        table = local_round1(tokens, row_keys, int(tokens.shape[0]), max_segments)
     else:
         table = torch.zeros(max_segments, ROUND1_COLUMNS, dtype=F64, device=tokens.logp.device)
         table[:, MALFORMED] = 1.0
@@ -383,6 +381,19 @@ def token_weights(
     return weights, c
 
 
+def weigh_tokens(
+    tokens: CompactTokens,
+    gather: Gather,
+    row_keys: torch.Tensor | None = None,
+    max_segments: int = 1,
+    problem: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, ScopeStatistics]:
+    """``(w~, c, stats)`` of valid tokens: the scope's statistics (two gather rounds), then the pointwise weights."""
+    stats, c, q = scope_statistics(tokens, gather, row_keys, max_segments, problem)
+    weights, c = token_weights(tokens, stats, row_keys, q=q, c=c)
+    return weights, c, stats
+
+
 def covariance_weights(
     log_prob: torch.Tensor,
     advantages: torch.Tensor,
@@ -415,6 +426,5 @@ def covariance_weights(
         tokens = CompactTokens.from_padded(log_prob, advantages, mask)
     else:
         tokens = CompactTokens.empty(getattr(log_prob, "device", None))
-    stats, c, q = scope_statistics(tokens, gather, row_keys, None, max_segments, problem)
-    weights, c = token_weights(tokens, stats, row_keys, q=q, c=c)
+    weights, c, stats = weigh_tokens(tokens, gather, row_keys, max_segments, problem)
     return tokens.scatter(weights, 1.0), tokens.scatter(c, 0.0), stats

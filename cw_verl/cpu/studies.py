@@ -74,31 +74,15 @@ def recorded_weights():
     from cw_verl import verl_losses
 
     calls = []
-    original = verl_losses.cw_grpo_policy_loss
 
-    def recording(scope, old_log_prob, log_prob, advantages, response_mask, *args, **kwargs):
-        original_weights = verl_losses.token_weights
-        seen = []
+    def record(old_log_prob, response_mask, weights):
+        calls.append((old_log_prob.detach().clone(), response_mask.clone(), weights.detach().clone()))
 
-        def capture(tokens, *a, **kw):
-            weights, cov = original_weights(tokens, *a, **kw)
-            seen.append(tokens.scatter(weights, 1.0))
-            return weights, cov
-
-        verl_losses.token_weights = capture
-        try:
-            result = original(scope, old_log_prob, log_prob, advantages, response_mask, *args, **kwargs)
-        finally:
-            verl_losses.token_weights = original_weights
-        # The loss call's own tokens come last (a wide scope first weighs its whole mini-batch once).
-        calls.append((old_log_prob.detach().clone(), response_mask.clone(), seen[-1]))
-        return result
-
-    verl_losses.cw_grpo_policy_loss = recording
+    verl_losses.weight_observers.append(record)
     try:
         yield calls
     finally:
-        verl_losses.cw_grpo_policy_loss = original
+        verl_losses.weight_observers.remove(record)
 
 
 @contextmanager
