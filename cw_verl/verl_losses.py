@@ -41,7 +41,6 @@ from cw_verl.weights import (
     CompactTokens,
     CovarianceInputError,
     ScopeStatistics,
-    check_inputs,
     token_weights,
     weigh_tokens,
 )
@@ -138,11 +137,7 @@ def mini_batch_statistics(scope: str, group, config) -> tuple[ScopeStatistics, d
         )
     if scope not in call.cache:
         old_log_prob, advantages, mask = _padded(call.mini_batch, "old_log_probs", "advantages", "response_mask")
-        problem = check_inputs(old_log_prob, advantages, mask)
-        if problem is None:
-            tokens = CompactTokens.from_padded(old_log_prob, advantages, mask)
-        else:
-            tokens = CompactTokens.empty(getattr(old_log_prob, "device", None))
+        tokens, problem = CompactTokens.checked(old_log_prob, advantages, mask)
         row_keys, max_segments = None, 1
         if scope == GROUP:
             row_keys = uid_keys(_row_uids(call.mini_batch))
@@ -197,14 +192,12 @@ def cw_grpo_policy_loss(
         raise ValueError("cw_grpo needs the actor config (clip ratios, global_batch_info)")
     batch_info = getattr(config, "global_batch_info", None) or {}
     group = resolve_data_parallel_group(batch_info.get("dp_size"))
-    problem = check_inputs(log_prob, advantages, response_mask)
+    # The per-call scope weighs with the current log-probs, the wider scopes with the batch's old ones.
+    scope_log_prob = log_prob if scope == MICROBATCH else old_log_prob
+    tokens, problem = CompactTokens.checked(scope_log_prob, advantages, response_mask)
     if problem is None and old_log_prob.shape != log_prob.shape:
         problem = f"old_log_prob has shape {tuple(old_log_prob.shape)}, log_prob {tuple(log_prob.shape)}"
     if scope == MICROBATCH:
-        if problem is None:
-            tokens = CompactTokens.from_padded(log_prob, advantages, response_mask)
-        else:
-            tokens = CompactTokens.empty(getattr(log_prob, "device", None))
         weights, cov, stats = weigh_tokens(tokens, group_gather(group), problem=problem)
         metrics = dict(covariance_metrics(weights, cov, stats))
     else:
@@ -212,7 +205,6 @@ def cw_grpo_policy_loss(
         metrics = dict(metrics)
         if problem is not None:
             raise CovarianceInputError(problem)
-        tokens = CompactTokens.from_padded(old_log_prob, advantages, response_mask)
         call = current_loss_call()
         row_keys = uid_keys(_row_uids(call.micro_batch if call else None)) if scope == GROUP else None
         weights, _ = token_weights(tokens, stats, row_keys)

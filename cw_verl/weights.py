@@ -120,6 +120,15 @@ class CompactTokens:
         )
 
     @classmethod
+    def checked(cls, log_prob, advantages, mask) -> tuple[CompactTokens, str | None]:
+        """The valid tokens and ``None``, or no tokens and why the inputs are unusable (the caller still
+        joins the collectives with them, so that every rank raises together)."""
+        problem = check_inputs(log_prob, advantages, mask)
+        if problem is not None:
+            return cls.empty(getattr(log_prob, "device", None)), problem
+        return cls.from_padded(log_prob, advantages, mask), None
+
+    @classmethod
     def empty(cls, device=None) -> CompactTokens:
         """No tokens: what a rank with unusable input contributes while it still joins the collectives."""
         nothing = torch.zeros(0, dtype=F64, device=device)
@@ -421,10 +430,6 @@ def covariance_weights(
     positions raise :class:`CovarianceInputError` on every rank. Every rank joins every round, so a rank
     with no valid tokens, or with bad input, never leaves the others waiting.
     """
-    problem = check_inputs(log_prob, advantages, mask)
-    if problem is None:
-        tokens = CompactTokens.from_padded(log_prob, advantages, mask)
-    else:
-        tokens = CompactTokens.empty(getattr(log_prob, "device", None))
+    tokens, problem = CompactTokens.checked(log_prob, advantages, mask)
     weights, c, stats = weigh_tokens(tokens, gather, row_keys, max_segments, problem)
     return tokens.scatter(weights, 1.0), tokens.scatter(c, 0.0), stats
