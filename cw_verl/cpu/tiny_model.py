@@ -2,8 +2,11 @@
 
 verl's engine loads its model with ``from_pretrained(path)`` and its tokenizer with
 ``AutoTokenizer.from_pretrained(path)``, so both are written to one directory that stands in for a
-Hugging Face checkpoint. The model is a Qwen2 (the family of the paper's DeepSeek-R1-Distill-Qwen)
-shrunk to a few hundred thousand parameters.
+Hugging Face checkpoint. The model is a Llama shrunk to a few hundred thousand parameters: a model type
+that vLLM, Hugging Face and verl's Megatron path (mbridge) all accept, with a head size (32) that vLLM's
+CPU attention supports (32, 64, 80 and up). Not a Qwen2, although that is the paper's family: with
+transformers 5, ``AutoTokenizer`` on a directory whose config says ``qwen2`` silently substitutes
+``Qwen2Tokenizer`` for the saved tokenizer, which drops newlines and spaces.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 PAD, EOS = "<pad>", "<eos>"
 
@@ -23,7 +26,9 @@ PAD, EOS = "<pad>", "<eos>"
 class TinyModelSpec:
     hidden_size: int = 64
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
+    # head size hidden_size / num_attention_heads = 32, the smallest vLLM's CPU attention supports; two
+    # key-value heads so that tensor parallelism of 2 (Megatron, vLLM) splits them evenly
+    num_attention_heads: int = 2
     num_key_value_heads: int = 2
     intermediate_size: int = 256
     max_position_embeddings: int = 64
@@ -36,16 +41,17 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
     vocab = {PAD: 0, EOS: 1}
     vocab.update({ch: i + 2 for i, ch in enumerate(alphabet)})
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
-    # Every character is its own pre-token, so the word-level model maps characters to ids.
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # Every character is its own pre-token, so the word-level model maps characters to ids. "[\s\S]", not
+    # ".": a regex dot never matches "\n", which would then silently vanish from the ids.
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS)
     tokenizer.padding_side = "left"
     return tokenizer
 
 
-def build_tiny_causal_lm(vocab_size: int, spec: TinyModelSpec, seed: int) -> Qwen2ForCausalLM:
-    config = Qwen2Config(
+def build_tiny_causal_lm(vocab_size: int, spec: TinyModelSpec, seed: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -62,7 +68,7 @@ def build_tiny_causal_lm(vocab_size: int, spec: TinyModelSpec, seed: int) -> Qwe
         attn_implementation="sdpa",
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = LlamaForCausalLM(config)
     # Sampling must come from the full tempered distribution (verl's rollout defaults), so that the
     # engine's recomputed log-probs are those of the sampling policy.
     model.generation_config = GenerationConfig(
@@ -71,7 +77,7 @@ def build_tiny_causal_lm(vocab_size: int, spec: TinyModelSpec, seed: int) -> Qwe
     return model
 
 
-def save_model_dir(path: str | Path, model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, meta: dict) -> Path:
+def save_model_dir(path: str | Path, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, meta: dict) -> Path:
     """Write a checkpoint directory that verl's ``HFModelConfig(path=...)`` can load."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """``python -m cw_verl demo``: GRPO vs CW-GRPO through verl's own actor on CPU, in a few minutes.
 
-What runs: a tiny Qwen2 (125k parameters, built from a config; character tokenizer built locally)
+What runs: a tiny Llama (~100k parameters, built from a config; character tokenizer built locally)
 learns to reverse 3-7 digit strings, rewarded 1/0 by exact match. It starts from a short supervised
 warm-start (:mod:`cw_verl.demo.warmstart`) because a random policy essentially never earns reward.
 Each RL step samples ``G`` responses per prompt with Hugging Face ``generate`` on every rank's

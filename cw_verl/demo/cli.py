@@ -1,6 +1,6 @@
 """``python -m cw_verl demo``: GRPO vs CW-GRPO on verl's own actor, on CPU, in a few minutes.
 
-1. Build a tiny Qwen2 and a character tokenizer locally and warm-start it on the task (one process).
+1. Build a tiny Llama and a character tokenizer locally and warm-start it on the task (one process).
 2. For each arm, start ``--world-size`` gloo ranks and train with :func:`cw_verl.demo.loop.run_arm`
    (verl's TrainingWorker / FSDP2 engine / ppo_loss / registered estimator and policy loss), same seed,
    same prompts, same budget. Metrics go to ``<out-dir>/<arm>.jsonl`` through verl's file logger.

@@ -1,4 +1,4 @@
-"""The demo's starting policy: a tiny Qwen2 built from a config, then briefly taught the task.
+"""The demo's starting policy: a tiny Llama built from a config, then briefly taught the task.
 
 A randomly initialised model essentially never reverses a 3-7 digit string exactly (chance is about
 1e-5 per sample), so RL from scratch gets no reward signal. The demo therefore starts, like the

@@ -93,8 +93,13 @@ def test_cw_metrics_come_from_the_loss_and_only_with_cw_grpo(updates):
         assert math.isfinite(cw["metrics"][key]), key
     assert 0.0 <= cw["metrics"]["actor/cw/frac_below_half"] <= 1.0
     assert cw["metrics"]["actor/cw/weight_min"] <= cw["metrics"]["actor/cw/weight_max"]
-    # Ranks report the same reduced metrics, as verl's trainer would see them.
-    assert updates[0]["updates"][1]["metrics"] == updates[1]["updates"][1]["metrics"]
+
+    # Ranks report the same reduced metrics, as verl's trainer would see them (verl's perf/* gauges,
+    # such as host memory, are each rank's own reading and not reduced).
+    def reduced(metrics):
+        return {key: value for key, value in metrics.items() if "/perf/" not in key}
+
+    assert reduced(updates[0]["updates"][1]["metrics"]) == reduced(updates[1]["updates"][1]["metrics"])
 
 
 def test_dynamic_batch_size_per_call_splits_by_tokens_in_step_on_both_ranks(policy_dir):

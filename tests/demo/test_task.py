@@ -76,3 +76,22 @@ def test_task_rejects_bad_lengths(low, high):
 def test_encode_rejects_foreign_characters():
     with pytest.raises(ValueError, match="not in the task alphabet"):
         encode("R12+3=")
+
+
+def test_saved_tokenizer_round_trips_every_character_through_auto_tokenizer(tmp_path):
+    """verl and vLLM load the tokenizer with AutoTokenizer from the model directory: what they read must
+    give back every character, newlines and spaces included (a regex "." pre-tokenizer drops "\\n", and a
+    qwen2-typed directory makes transformers substitute a tokenizer that drops whitespace)."""
+    from transformers import AutoTokenizer
+
+    from cw_verl.cpu.tiny_model import TinyModelSpec, build_tiny_causal_lm, save_model_dir
+
+    alphabet = "ab \n\t=0"
+    tokenizer = build_char_tokenizer(alphabet)
+    save_model_dir(tmp_path, build_tiny_causal_lm(len(tokenizer), TinyModelSpec(), 0), tokenizer, {})
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "a b\n\n=0\t a"
+    ids = loaded(text).input_ids
+    assert len(ids) == len(text)
+    assert loaded.decode(ids) == text
+    assert ids == tokenizer(text).input_ids
