@@ -31,7 +31,10 @@ class ActorSetup:
     """The knobs of one actor, named after verl's ``actor_rollout_ref.actor`` config keys.
 
     ``ppo_mini_batch_size`` counts prompts, as in verl's config; one optimizer step consumes
-    ``ppo_mini_batch_size * rollout_n`` sequences over all data-parallel ranks.
+    ``ppo_mini_batch_size * rollout_n`` sequences over all data-parallel ranks. ``strategy`` selects
+    verl's FSDP2 engine (``"fsdp2"``) or its Megatron engine (``"megatron"``: mbridge, megatron-core's
+    pipeline schedule and distributed optimizer), whose ``actor.megatron.*`` parallel sizes follow; the
+    data-parallel size is whatever the world size leaves.
     """
 
     model_path: str
@@ -50,12 +53,33 @@ class ActorSetup:
     entropy_coeff: float = 0.0
     ppo_epochs: int = 1
     total_training_steps: int = 1000
-    # fp32 on CPU: bf16 autocast there is slow and would make the engine's log-probs differ from the
-    # fp32 rollout model's; clusters keep verl's bf16 default.
-    param_dtype: str = "fp32"
+    # None: fp32 for FSDP on CPU (bf16 autocast there is slow and would make the engine's log-probs differ
+    # from the fp32 rollout model's; clusters keep verl's bf16 default), bf16 for Megatron (verl's Megatron
+    # engine accepts only bf16/fp16).
+    param_dtype: str | None = None
     use_remove_padding: bool = True
     data_loader_seed: int = 42
     temperature: float = 1.0
+    strategy: str = "fsdp2"
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self):
+        if self.strategy not in ("fsdp2", "megatron"):
+            raise ValueError(f"strategy must be 'fsdp2' or 'megatron', got {self.strategy!r}")
+        if self.strategy == "fsdp2" and (self.model_parallel_size > 1 or self.sequence_parallel):
+            raise ValueError("tensor/pipeline/context/sequence parallelism needs strategy='megatron'")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            # verl would switch it off with a warning; a test asking for it must not silently run without.
+            raise ValueError("sequence_parallel needs tensor_model_parallel_size > 1")
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one replica of the model: TP x PP x CP (each such group sees the same data)."""
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 
 
 @dataclasses.dataclass
@@ -70,28 +94,17 @@ class Actor:
     def engine(self):
         return self.worker.engine
 
+    @property
+    def is_megatron(self) -> bool:
+        return self.setup.strategy == "megatron"
 
-def _actor_config(setup: ActorSetup):
+
+def _fsdp_actor_config(setup: ActorSetup):
     from verl.workers.config import FSDPActorConfig, FSDPEngineConfig, FSDPOptimizerConfig, PolicyLossConfig
 
-    precision = {"param_dtype": setup.param_dtype, "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+    precision = {"param_dtype": setup.param_dtype or "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
     return FSDPActorConfig(
         strategy="fsdp2",
-        rollout_n=setup.rollout_n,
-        ppo_mini_batch_size=setup.ppo_mini_batch_size,
-        ppo_micro_batch_size_per_gpu=setup.ppo_micro_batch_size_per_gpu,
-        use_dynamic_bsz=setup.use_dynamic_bsz,
-        ppo_max_token_len_per_gpu=setup.ppo_max_token_len_per_gpu,
-        clip_ratio=setup.clip_ratio,
-        clip_ratio_low=setup.clip_ratio,
-        clip_ratio_high=setup.clip_ratio,
-        policy_loss=PolicyLossConfig(loss_mode=setup.loss_mode),
-        loss_agg_mode=setup.loss_agg_mode,
-        entropy_coeff=setup.entropy_coeff,
-        ppo_epochs=setup.ppo_epochs,
-        data_loader_seed=setup.data_loader_seed,
-        use_torch_compile=False,
-        use_remove_padding=setup.use_remove_padding,
         optim=FSDPOptimizerConfig(
             lr=setup.lr,
             lr_warmup_steps_ratio=setup.lr_warmup_steps_ratio,
@@ -105,11 +118,71 @@ def _actor_config(setup: ActorSetup):
             mixed_precision=precision,
             use_dynamic_bsz=setup.use_dynamic_bsz,
         ),
+        policy_loss=PolicyLossConfig(loss_mode=setup.loss_mode),
+        use_remove_padding=setup.use_remove_padding,
+        **_common_actor_keys(setup),
+    )
+
+
+def _megatron_actor_config(setup: ActorSetup):
+    from verl.workers.config import McoreActorConfig, McoreEngineConfig, McoreOptimizerConfig, PolicyLossConfig
+
+    dtype = {None: "bfloat16", "bf16": "bfloat16", "fp16": "float16"}.get(setup.param_dtype, setup.param_dtype)
+    return McoreActorConfig(
+        strategy="megatron",
+        optim=McoreOptimizerConfig(
+            lr=setup.lr,
+            lr_warmup_steps_ratio=setup.lr_warmup_steps_ratio,
+            weight_decay=setup.weight_decay,
+            clip_grad=setup.clip_grad,
+            total_training_steps=setup.total_training_steps,
+            # FSDP's scheduler keeps the rate constant after warm-up; the same here, so both engines agree.
+            lr_decay_style="constant",
+        ),
+        megatron=McoreEngineConfig(
+            tensor_model_parallel_size=setup.tensor_model_parallel_size,
+            pipeline_model_parallel_size=setup.pipeline_model_parallel_size,
+            context_parallel_size=setup.context_parallel_size,
+            sequence_parallel=setup.sequence_parallel,
+            use_distributed_optimizer=setup.use_distributed_optimizer,
+            use_dynamic_bsz=setup.use_dynamic_bsz,
+            dtype=dtype,
+            # mbridge (verl's "vanilla" bridge) installs here; Megatron-Bridge, verl's default, does not.
+            vanilla_mbridge=True,
+            override_transformer_config={
+                # mbridge turns sequence parallelism on whenever TP > 1 and verl's engine does not pass its
+                # own `sequence_parallel` to mbridge: the knob goes through the bridge's config overrides.
+                "sequence_parallel": setup.sequence_parallel,
+                # megatron's fused softmax is a CUDA kernel.
+                "masked_softmax_fusion": False,
+            },
+        ),
+        policy_loss=PolicyLossConfig(loss_mode=setup.loss_mode),
+        **_common_actor_keys(setup),
+    )
+
+
+def _common_actor_keys(setup: ActorSetup) -> dict[str, Any]:
+    return dict(
+        rollout_n=setup.rollout_n,
+        ppo_mini_batch_size=setup.ppo_mini_batch_size,
+        ppo_micro_batch_size_per_gpu=setup.ppo_micro_batch_size_per_gpu,
+        use_dynamic_bsz=setup.use_dynamic_bsz,
+        ppo_max_token_len_per_gpu=setup.ppo_max_token_len_per_gpu,
+        clip_ratio=setup.clip_ratio,
+        clip_ratio_low=setup.clip_ratio,
+        clip_ratio_high=setup.clip_ratio,
+        loss_agg_mode=setup.loss_agg_mode,
+        entropy_coeff=setup.entropy_coeff,
+        ppo_epochs=setup.ppo_epochs,
+        data_loader_seed=setup.data_loader_seed,
+        use_torch_compile=False,
     )
 
 
 def build_actor(setup: ActorSetup) -> Actor:
-    """Build verl's actor ``TrainingWorker`` as ``ActorRolloutRefWorker.init_model`` does (FSDP2, sdpa)."""
+    """Build verl's actor ``TrainingWorker`` as ``ActorRolloutRefWorker.init_model`` does (FSDP2 with sdpa
+    attention, or Megatron through mbridge with :mod:`cw_verl.cpu.megatron`'s CPU support)."""
     from verl.workers.config import HFModelConfig, TrainingWorkerConfig
     from verl.workers.engine_workers import TrainingWorker
     from verl.workers.utils.losses import ppo_loss
@@ -122,15 +195,24 @@ def build_actor(setup: ActorSetup) -> Actor:
         raise RuntimeError(
             f"verl resolved its device to {get_device_name()!r}; call cw_verl.cpu.platform.enable_cpu_platform() first"
         )
+    if dist.get_world_size() % setup.model_parallel_size:
+        raise ValueError(
+            f"{dist.get_world_size()} ranks do not split into model replicas of "
+            f"TP x PP x CP = {setup.model_parallel_size} ranks"
+        )
+    if setup.strategy == "megatron":
+        from cw_verl.cpu import megatron
+
+        megatron.install()
     model_config = HFModelConfig(
         path=setup.model_path,
-        # verl defaults to flash_attention_2, which does not exist on CPU.
-        override_config={"attn_implementation": "sdpa"},
+        # verl defaults to flash_attention_2, which does not exist on CPU (Megatron builds its own attention).
+        override_config={"attn_implementation": "sdpa"} if setup.strategy == "fsdp2" else {},
         # Recomputing activations only costs time at this size.
         enable_gradient_checkpointing=False,
         use_remove_padding=setup.use_remove_padding,
     )
-    actor_config = _actor_config(setup)
+    actor_config = _megatron_actor_config(setup) if setup.strategy == "megatron" else _fsdp_actor_config(setup)
     actor_config.model_config = model_config
     worker_config = TrainingWorkerConfig(
         model_type="language_model",
@@ -170,7 +252,8 @@ def set_loss_mode(actor: Actor, loss_mode: str) -> None:
 
 
 def dp_chunk(batch, rank: int | None = None, world_size: int | None = None):
-    """This rank's contiguous chunk of a full-batch ``DataProto``, as verl's dispatch sends it."""
+    """This rank's contiguous chunk of a full-batch ``DataProto``, as verl's dispatch sends it (default:
+    every rank is a data-parallel rank, as with FSDP; see :func:`actor_chunk` for any engine)."""
     rank = dist.get_rank() if rank is None else rank
     world_size = dist.get_world_size() if world_size is None else world_size
     if len(batch) % world_size:
@@ -178,11 +261,42 @@ def dp_chunk(batch, rank: int | None = None, world_size: int | None = None):
     return batch.chunk(world_size)[rank]
 
 
-def all_gather_rows(local: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, concatenated in rank order (what verl's collect does after a DP dispatch)."""
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local.contiguous())
+def actor_chunk(actor: Actor, batch):
+    """The chunk verl's dispatch sends this rank of ``actor``: its data-parallel rank's chunk (tensor-,
+    pipeline- and context-parallel peers of a Megatron model replica all get the same chunk)."""
+    return dp_chunk(batch, actor.engine.get_data_parallel_rank(), actor.engine.get_data_parallel_size())
+
+
+def all_gather_rows(local: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's rows of ``group`` (default WORLD), concatenated in rank order (what verl's collect does
+    after a DP dispatch)."""
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
     return torch.cat(parts, dim=0)
+
+
+def actor_gather_rows(actor: Actor, local: torch.Tensor) -> torch.Tensor:
+    """The full batch's rows from each data-parallel rank's :func:`actor_chunk` rows."""
+    return all_gather_rows(local, group=actor.engine.get_data_parallel_group())
+
+
+def _from_output_rank(actor: Actor, value):
+    """``value`` of this rank's model replica, on every rank of the replica.
+
+    verl's Megatron engine returns outputs only on one rank per replica (the last pipeline stage's
+    tensor- and context-parallel rank 0; ``is_mp_src_rank_with_outputs``), whose results verl's collect
+    forwards to the trainer; the other ranks return None. FSDP returns them on every rank.
+    """
+    if not actor.is_megatron:
+        return value
+    engine = actor.engine
+    gathered: list = [None] * dist.get_world_size()
+    mine = value if engine.is_mp_src_rank_with_outputs() else None
+    dist.all_gather_object(gathered, (engine.get_data_parallel_rank(), mine))
+    for dp_rank, candidate in gathered:
+        if dp_rank == engine.get_data_parallel_rank() and candidate is not None:
+            return candidate
+    raise RuntimeError("no rank of this model replica returned an output")
 
 
 def _to_no_padding(batch, **meta):
@@ -217,8 +331,8 @@ def compute_log_prob(
     use_dynamic_bsz: bool | None = None,
     max_token_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(old_log_probs, entropy)`` of this rank's chunk, each ``[B_local, response_len]`` (trainer's
-    ``_compute_old_log_prob``: ``infer_batch`` with ``calculate_entropy=True, compute_loss=False``)."""
+    """``(old_log_probs, entropy)`` of this rank's chunk (:func:`actor_chunk`), each ``[B_local, response_len]``
+    (trainer's ``_compute_old_log_prob``: ``infer_batch`` with ``calculate_entropy=True, compute_loss=False``)."""
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import no_padding_2_padding
 
@@ -230,9 +344,12 @@ def compute_log_prob(
         **_batch_override_keys(micro_batch_size, use_dynamic_bsz, max_token_len),
     )
     output = actor.worker.infer_batch(batch_td)
-    log_probs = no_padding_2_padding(tu.get(output, "log_probs"), batch_td).float()
-    entropy = no_padding_2_padding(tu.get(output, "entropy"), batch_td).float()
-    return log_probs, entropy
+    result = None
+    if output is not None:
+        log_probs = no_padding_2_padding(tu.get(output, "log_probs"), batch_td).float()
+        entropy = no_padding_2_padding(tu.get(output, "entropy"), batch_td).float()
+        result = log_probs, entropy
+    return _from_output_rank(actor, result)
 
 
 def train_step(
@@ -246,8 +363,8 @@ def train_step(
     mini_batch_size: int | None = None,
     shuffle: bool = False,
 ) -> dict[str, float]:
-    """One actor update on this rank's chunk (trainer's ``_update_actor``); returns verl's reduced
-    ``actor/*`` metrics, identical on every rank.
+    """One actor update on this rank's chunk (:func:`actor_chunk`; trainer's ``_update_actor``); returns
+    verl's reduced ``actor/*`` metrics, identical on every rank.
 
     ``mini_batch_size`` counts sequences over all ranks (default: ``ppo_mini_batch_size * rollout_n``);
     the other keyword arguments override the actor's setup for this call only.
@@ -275,29 +392,99 @@ def train_step(
         **_batch_override_keys(micro_batch_size, use_dynamic_bsz, max_token_len),
     )
     output = actor.worker.train_mini_batch(batch_td)
-    metrics = rename_dict(tu.get(output, "metrics"), "actor/")
-    if "actor/mfu" in metrics:
-        metrics["perf/mfu/actor"] = metrics.pop("actor/mfu")
-    return {key: float(np.asarray(value)) for key, value in reduce_metrics(metrics).items()}
+    reduced = None
+    if output is not None:
+        metrics = rename_dict(tu.get(output, "metrics"), "actor/")
+        if "actor/mfu" in metrics:
+            metrics["perf/mfu/actor"] = metrics.pop("actor/mfu")
+        reduced = {key: float(np.asarray(value)) for key, value in reduce_metrics(metrics).items()}
+    return _from_output_rank(actor, reduced)
 
 
 def full_state_dict(actor: Actor) -> dict[str, torch.Tensor]:
-    """The unsharded weights under their Hugging Face names (the trainer's weight sync to rollout:
-    ``engine.get_per_tensor_param()`` all-gathers each FSDP2 shard)."""
-    per_tensor, peft_config = actor.engine.get_per_tensor_param()
-    if peft_config is not None:
-        raise NotImplementedError("LoRA actors are not supported by this harness")
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in per_tensor}
+    """The unsharded weights under their Hugging Face names, on every rank (the trainer's weight sync to
+    rollout: ``engine.get_per_tensor_param()`` all-gathers each FSDP2 shard, or mbridge gathers the
+    tensor-parallel shards and broadcasts each pipeline stage's weights)."""
+    # No autograd graph: mbridge broadcasts parameters in place, which autograd would otherwise record.
+    with torch.no_grad():
+        per_tensor, peft_config = actor.engine.get_per_tensor_param()
+        if peft_config is not None:
+            raise NotImplementedError("LoRA actors are not supported by this harness")
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in per_tensor}
 
 
 def local_shards(actor: Actor) -> dict[str, torch.Tensor]:
-    """This rank's own FSDP2 parameter shards (copies), for checking what the optimizer changed."""
+    """This rank's own parameters (copies: FSDP2 shards, or a Megatron rank's tensor-parallel shards of its
+    pipeline stage), for checking what the optimizer changed."""
+    from torch.distributed.tensor import DTensor
+
+    modules = actor.engine.module if actor.is_megatron else [actor.engine.module]
+    return {
+        f"{index}.{name}": (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
+        for index, module in enumerate(modules)
+        for name, p in module.named_parameters()
+    }
+
+
+@contextlib.contextmanager
+def recorded_gradient(actor: Actor) -> Iterator[dict[str, torch.Tensor]]:
+    """The full gradient the optimizer step of ``actor`` receives (before clipping), under Hugging Face
+    parameter names, float64, identical on every rank; yields a dict filled at the optimizer step."""
+    engine = actor.engine
+    original = engine.optimizer_step
+    record: dict[str, torch.Tensor] = {}
+
+    def step():
+        record.update(_megatron_gradient(engine) if actor.is_megatron else _fsdp_gradient(engine))
+        return original()
+
+    engine.optimizer_step = step
+    try:
+        yield record
+    finally:
+        engine.optimizer_step = original
+
+
+def _fsdp_gradient(engine) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     return {
-        name: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
-        for name, p in actor.engine.module.named_parameters()
+        name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().double()
+        for name, p in engine.module.named_parameters()
     }
+
+
+def _megatron_gradient(engine) -> dict[str, torch.Tensor]:
+    """Megatron's reduced gradients (``param.main_grad``, in DDP's grad buffers) as full HF-named tensors.
+
+    With the distributed optimizer, each rank of the data(-and-context)-parallel group holds only its own
+    reduce-scattered shard of each bucket: all-gathering the shards completes the buffers (the optimizer
+    reads only its own shard, so this changes nothing it sees). mbridge's weight export then gathers the
+    tensor-parallel shards, broadcasts each pipeline stage's tensors and maps the names, on the gradients
+    swapped in for the parameters' data for the duration of the export.
+    """
+    from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+    chunks = engine.module
+    for chunk in chunks:
+        if not chunk.ddp_config.use_distributed_optimizer:
+            continue
+        for bucket_group in chunk.bucket_groups + chunk.expert_parallel_bucket_groups:
+            group = bucket_group.intra_distributed_optimizer_instance_group
+            for bucket in bucket_group.buckets:
+                own = shard_buffer(bucket.grad_data, group.size())[group.rank()].clone()
+                dist.all_gather_into_tensor(bucket.grad_data, own, group=group)
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    saved = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.main_grad
+        with torch.no_grad():
+            per_tensor, _ = engine.get_per_tensor_param()
+            return {name: tensor.detach().double() for name, tensor in per_tensor}
+    finally:
+        for p, data in zip(params, saved, strict=True):
+            p.data = data
 
 
 @contextlib.contextmanager
