@@ -204,6 +204,7 @@ def build_actor(setup: ActorSetup) -> Actor:
         from cw_verl.cpu import megatron
 
         megatron.install()
+        _set_megatron_layout(setup)
     model_config = HFModelConfig(
         path=setup.model_path,
         # verl defaults to flash_attention_2, which does not exist on CPU (Megatron builds its own attention).
@@ -235,6 +236,24 @@ def build_actor(setup: ActorSetup) -> Actor:
     worker.reset()
     worker.set_loss_fn(partial(ppo_loss, config=actor_config))
     return Actor(worker=worker, config=actor_config, setup=setup)
+
+
+def _set_megatron_layout(setup: ActorSetup) -> None:
+    """verl's Megatron engine initialises megatron's process groups on its first construction in a process
+    and reuses them afterwards; for another layout they are torn down first, so that the engine builds the
+    new ones. Actors built on the old layout are unusable after that (their groups are gone)."""
+    from megatron.core import parallel_state as mpu
+
+    if not mpu.is_initialized():
+        return
+    current = (
+        mpu.get_tensor_model_parallel_world_size(),
+        mpu.get_pipeline_model_parallel_world_size(),
+        mpu.get_context_parallel_world_size(),
+    )
+    wanted = (setup.tensor_model_parallel_size, setup.pipeline_model_parallel_size, setup.context_parallel_size)
+    if current != wanted:
+        mpu.destroy_model_parallel()
 
 
 def set_loss_mode(actor: Actor, loss_mode: str) -> None:
@@ -280,7 +299,7 @@ def actor_gather_rows(actor: Actor, local: torch.Tensor) -> torch.Tensor:
     return all_gather_rows(local, group=actor.engine.get_data_parallel_group())
 
 
-def _from_output_rank(actor: Actor, value):
+def from_output_rank(actor: Actor, value):
     """``value`` of this rank's model replica, on every rank of the replica.
 
     verl's Megatron engine returns outputs only on one rank per replica (the last pipeline stage's
@@ -349,7 +368,7 @@ def compute_log_prob(
         log_probs = no_padding_2_padding(tu.get(output, "log_probs"), batch_td).float()
         entropy = no_padding_2_padding(tu.get(output, "entropy"), batch_td).float()
         result = log_probs, entropy
-    return _from_output_rank(actor, result)
+    return from_output_rank(actor, result)
 
 
 def train_step(
@@ -398,7 +417,7 @@ def train_step(
         if "actor/mfu" in metrics:
             metrics["perf/mfu/actor"] = metrics.pop("actor/mfu")
         reduced = {key: float(np.asarray(value)) for key, value in reduce_metrics(metrics).items()}
-    return _from_output_rank(actor, reduced)
+    return from_output_rank(actor, reduced)
 
 
 def full_state_dict(actor: Actor) -> dict[str, torch.Tensor]:

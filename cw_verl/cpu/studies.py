@@ -59,8 +59,8 @@ def shared_batch(actor, model_path: str, prompts: int, group_size: int, seed: in
     rollout = Rollout(model_path, task, temperature=1.0)
     rollout.sync_weights(actor)
     batch = to_data_proto(rollout.sample(task.sample(prompts, seed, STREAM_RL, 1), group_size, seed, 1), task)
-    log_probs, _ = harness.compute_log_prob(actor, harness.dp_chunk(batch))
-    batch.batch["old_log_probs"] = harness.all_gather_rows(log_probs)
+    log_probs, _ = harness.compute_log_prob(actor, harness.actor_chunk(actor, batch))
+    batch.batch["old_log_probs"] = harness.actor_gather_rows(actor, log_probs)
     batch = compute_advantage(
         batch, adv_estimator="grpo", num_repeat=group_size, config=AlgoConfig(adv_estimator="grpo")
     )
@@ -85,30 +85,6 @@ def recorded_weights():
         verl_losses.weight_observers.remove(record)
 
 
-@contextmanager
-def recorded_gradient(actor):
-    """The full (all-gathered) gradient the optimizer step of ``actor`` receives, before clipping."""
-    from torch.distributed.tensor import DTensor
-
-    engine = actor.engine
-    original = engine.optimizer_step
-    record = {}
-
-    def step():
-        grads = []
-        for _, param in sorted(engine.module.named_parameters()):
-            grad = param.grad
-            grads.append((grad.full_tensor() if isinstance(grad, DTensor) else grad).detach().flatten().double())
-        record["gradient"] = torch.cat(grads)
-        return original()
-
-    engine.optimizer_step = step
-    try:
-        yield record
-    finally:
-        engine.optimizer_step = original
-
-
 def _weights_by_row(calls, batch) -> torch.Tensor:
     """Each batch row's weights, found by matching a call's rows to the batch's by their old log-probs."""
     old = batch.batch["old_log_probs"]
@@ -130,9 +106,14 @@ def _weights_by_row(calls, batch) -> torch.Tensor:
     return weights
 
 
-def updates_per_variant(rank: int, world_size: int, model_path: str, variants: list[Variant], batch_path) -> dict:
-    """Per variant: the gradient and parameter change of one update and each token's CW-GRPO weight
-    (identical on all ranks; ``weights`` is None for losses without them)."""
+def updates_per_variant(
+    rank: int, world_size: int, model_path: str, variants: list[Variant], batch_path, layout: dict | None = None
+) -> dict:
+    """Per variant: the gradient and parameter change of one update, each token's CW-GRPO weight and verl's
+    ``actor/*`` metrics (identical on all ranks; ``weights`` is None for losses without them), and this rank's
+    CW-GRPO loss calls (their number, and the valid tokens each one saw). ``layout``: further
+    :class:`~cw_verl.cpu.harness.ActorSetup` keys (e.g. the Megatron engine and its parallel sizes)."""
+    from cw_verl import verl_losses
     from cw_verl.cpu import harness
 
     batch = torch.load(batch_path, weights_only=False)
@@ -147,26 +128,33 @@ def updates_per_variant(rank: int, world_size: int, model_path: str, variants: l
                 loss_mode=variant.loss_mode,
                 ppo_micro_batch_size_per_gpu=variant.micro_batch_size or 1,
                 lr=1e-3,
+                **(layout or {}),
             )
         )
+        local = harness.actor_chunk(actor, batch)
         before = harness.full_state_dict(actor)
-        with recorded_weights() as calls, recorded_gradient(actor) as gradient:
-            harness.train_step(
+        with recorded_weights() as calls, harness.recorded_gradient(actor) as gradient:
+            metrics = harness.train_step(
                 actor,
-                harness.dp_chunk(batch),
+                local,
                 micro_batch_size=variant.micro_batch_size,
                 use_dynamic_bsz=variant.max_token_len is not None,
                 max_token_len=variant.max_token_len,
             )
         after = harness.full_state_dict(actor)
         delta = torch.cat([(after[name] - before[name]).flatten().double() for name in sorted(before)])
-        local = harness.dp_chunk(batch)
-        weights = _weights_by_row(calls, local) if calls else None
+        weights = None
+        if variant.loss_mode in verl_losses.POLICY_LOSSES:
+            # Megatron's pipeline stages before the last make no loss call: placeholder rows, never read.
+            own = _weights_by_row(calls, local) if calls else torch.ones(local.batch["old_log_probs"].shape)
+            weights = harness.from_output_rank(actor, harness.actor_gather_rows(actor, own.double()))
         results[variant] = {
-            "gradient": gradient["gradient"],
+            "gradient": torch.cat([gradient[name].flatten() for name in sorted(gradient)]),
             "delta": delta,
-            "weights": harness.all_gather_rows(weights) if weights is not None else None,
+            "weights": weights,
             "loss_calls": len(calls),
+            "loss_call_tokens": [int(mask.sum()) for _, mask, _ in calls],
+            "metrics": metrics,
         }
         del actor
     return {"variants": results, "response_mask": batch.batch["response_mask"].bool()}
