@@ -14,6 +14,7 @@ Importing this module imports megatron; :mod:`cw_verl.cpu.megatron` imports it o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -22,6 +23,7 @@ from megatron.core import parallel_state as mpu
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -126,15 +128,15 @@ class PackedCausalAttention(MegatronModule):
         )
         # [t, heads, dim] -> [1, heads, t, dim]
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=allowed,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=self.softmax_scale,
-            enable_gqa=True,
-        )
+        dropout = self.dropout if self.training else 0.0
+        # As megatron's DotProductAttention: attention dropout draws from the model-parallel RNG stream
+        # unless sequence parallelism already gives each rank different tokens.
+        forked = dropout > 0 and not self.config.sequence_parallel
+        rng = get_cuda_rng_tracker().fork() if forked else contextlib.nullcontext()
+        with rng:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, dropout_p=dropout, scale=self.softmax_scale, enable_gqa=True
+            )
         return out.squeeze(0).transpose(0, 1).reshape(query.shape[0], -1)
 
 
