@@ -1,12 +1,17 @@
-"""The whole actor update (one optimizer step) with each policy loss, on verl's real actor path on CPU.
+"""The whole actor update (one optimizer step) with each policy loss, on verl's real actor path on CPU, with
+its FSDP2 engine and its Megatron engine (tensor parallel 2 with sequence parallelism, through mbridge).
 
-    python benchmarks/bench_train_step.py            # 2 gloo ranks, about 1 minute
+    python benchmarks/bench_train_step.py                        # both engines on 2 gloo ranks, about 2 minutes
+    python benchmarks/bench_train_step.py --backends fsdp2       # or megatron-tp2
 
-One RL batch (the demo's task and warm-started tiny Qwen2, 16 prompts x 8 responses) is updated on with
-``TrainingWorker.train_mini_batch`` (FSDP2 engine, 4 micro-batches of 16 sequences per rank, ppo_loss, the
-registered policy loss, optimizer step), repeated ``--repeats`` times per loss in interleaved rounds;
-it prints the median seconds per update and the ratio to verl's ``vanilla`` from the same run. The model
-is tiny, so the loss is a far larger share of the step here than on a real model.
+One RL batch (the demo's task and warm-started tiny Llama, 16 prompts x 8 responses) is updated on with
+``TrainingWorker.train_mini_batch`` (the engine, micro-batches of 16 sequences, ppo_loss, the registered
+policy loss, optimizer step), repeated ``--repeats`` times per loss in interleaved rounds; it prints the median
+seconds per update, the ratio to verl's ``vanilla`` on the same engine from the same run, and the ratio to
+the first engine's vanilla. FSDP2 runs the 2 ranks data parallel in float32 (4 micro-batches each);
+Megatron runs them as one tensor-parallel pair in bf16 (verl's Megatron engine refuses fp32), both ranks on
+all 8 micro-batches. The model is tiny, so the loss is a far larger share of the step here than on a real
+model.
 """
 
 from __future__ import annotations
@@ -22,9 +27,13 @@ from cw_verl.cpu.studies import save_shared_batch
 
 LOSSES = ["vanilla", "clip_cov", "cw_grpo", "cw_grpo_group", "cw_grpo_microbatch"]
 PROMPTS, GROUP_SIZE, MICRO_BATCH = 16, 8, 16
+BACKENDS = {
+    "fsdp2": {},
+    "megatron-tp2": {"strategy": "megatron", "tensor_model_parallel_size": 2, "sequence_parallel": True},
+}
 
 
-def time_updates(rank: int, world_size: int, model_path: str, batch_path: str, losses, repeats: int) -> dict:
+def time_updates(rank: int, world_size: int, model_path: str, batch_path: str, losses, repeats: int, layout) -> dict:
     import torch
 
     from cw_verl.cpu import harness
@@ -39,14 +48,15 @@ def time_updates(rank: int, world_size: int, model_path: str, batch_path: str, l
                 loss_mode=loss,
                 ppo_micro_batch_size_per_gpu=MICRO_BATCH,
                 lr=1e-6,
+                **layout,
             )
         )
         for loss in losses
     }
-    local = harness.dp_chunk(batch)
     seconds = {loss: [] for loss in losses}
     for _ in range(repeats + 1):  # the first round warms up
         for loss, actor in actors.items():
+            local = harness.actor_chunk(actor, batch)
             start = time.perf_counter()
             harness.train_step(actor, local)
             seconds[loss].append(time.perf_counter() - start)
@@ -55,6 +65,7 @@ def time_updates(rank: int, world_size: int, model_path: str, batch_path: str, l
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
@@ -63,24 +74,34 @@ def main(argv=None) -> int:
     from cw_verl.demo.task import ReversalTask
     from cw_verl.demo.warmstart import WarmStart, build_demo_model
 
+    steps = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_path, _ = build_demo_model(tmp, ReversalTask(), TinyModelSpec(), WarmStart(), 0)
         batch_path = f"{tmp}/batch.pt"
         run_ranks(save_shared_batch, 1, str(model_path), PROMPTS, GROUP_SIZE, 0, batch_path)
-        per_rank = run_ranks(time_updates, args.world_size, str(model_path), batch_path, LOSSES, args.repeats)
-    # A step ends when its slowest rank does.
-    steps = {loss: np.max([r[loss] for r in per_rank], axis=0) for loss in LOSSES}
-    base = float(np.median(steps["vanilla"]))
+        for backend in args.backends:
+            per_rank = run_ranks(
+                time_updates, args.world_size, str(model_path), batch_path, LOSSES, args.repeats, BACKENDS[backend]
+            )
+            # A step ends when its slowest rank does.
+            steps[backend] = {loss: np.max([r[loss] for r in per_rank], axis=0) for loss in LOSSES}
     print(
         f"one actor update: {PROMPTS} prompts x {GROUP_SIZE} responses on {args.world_size} gloo ranks, "
-        f"micro-batches of {MICRO_BATCH} sequences per rank, median of {args.repeats}"
+        f"micro-batches of {MICRO_BATCH} sequences per data-parallel rank, median of {args.repeats}"
     )
-    print(f"{'loss':>19} {'seconds':>8} {'vs vanilla':>10}")
-    for loss in LOSSES:
-        median = float(np.median(steps[loss]))
-        print(f"{loss:>19} {median:>8.3f} {median / base:>10.2f}")
+    print(f"{'engine':>12} {'loss':>19} {'seconds':>8} {'vs vanilla':>10} {'vs ' + args.backends[0] + ' vanilla':>20}")
+    first = float(np.median(steps[args.backends[0]]["vanilla"]))
+    for backend, by_loss in steps.items():
+        base = float(np.median(by_loss["vanilla"]))
+        for loss in LOSSES:
+            median = float(np.median(by_loss[loss]))
+            print(f"{backend:>12} {loss:>19} {median:>8.3f} {median / base:>10.2f} {median / first:>20.2f}")
     return 0
 
 
 if __name__ == "__main__":
+    import torch
+
+    # The parent only warm-starts the model: one thread (a loaded box's thread pool spins).
+    torch.set_num_threads(1)
     raise SystemExit(main())

@@ -22,7 +22,16 @@ import pytest
 import torch
 
 from cw_verl.cpu.launch import run_ranks
-from cw_verl.cpu.megatron_study import LAYOUTS, Variant, deviations, layout_run, reference_run
+from cw_verl.cpu.megatron_study import (
+    LAYOUTS,
+    MICRO_BATCH,
+    REFERENCE_MICRO_BATCH,
+    Variant,
+    deviations,
+    layout_run,
+    layout_variants,
+    reference_run,
+)
 from cw_verl.cpu.tiny_model import TinyModelSpec
 from cw_verl.demo.task import ReversalTask
 from cw_verl.demo.warmstart import WarmStart, build_demo_model
@@ -32,12 +41,7 @@ PROMPTS, GROUP_SIZE = 4, 4  # 16 sequences
 LOSSES = ["vanilla", "cw_grpo", "cw_grpo_group", "cw_grpo_microbatch"]
 CW_LOSSES = LOSSES[1:]
 WIDE_SCOPES = ["cw_grpo", "cw_grpo_group"]
-# Layouts with one data-parallel rank run 4 micro-batches of 4 sequences (several in the pipeline at once),
-# as does the reference; TP2xDP2 runs one micro-batch per rank, the same global partition as one
-# 16-sequence micro-batch on one process (the per-call scope depends on the partition by design).
-MICRO = {"TP2, SP": 4, "PP2": 4, "CP2": 4, "TP2xPP2": 4, "TP2xDP2, SP": 8}
-REFERENCE_MICRO = {name: 16 if name == "TP2xDP2, SP" else 4 for name in MICRO}
-TWO_RANKS, FOUR_RANKS = ["TP2, SP", "PP2", "CP2"], ["TP2xPP2", "TP2xDP2, SP"]
+TWO_RANKS = ["TP2, SP", "PP2", "CP2"]
 # Micro-batch invariance on TP2xDP2: against one micro-batch per rank.
 OTHER_MICRO_BATCHINGS = [{"micro_batch_size": 2}, {"max_token_len": 40}]
 FACTOR = {"cw_grpo": 3.0, "cw_grpo_group": 3.0, "cw_grpo_microbatch": 8.0}
@@ -61,13 +65,13 @@ def runs(tmp_path_factory):
     model_path, batch_path = str(model_path), str(tmp / "batch.pt")
     reference_variants = [Variant(loss, micro_batch_size=m) for loss in LOSSES for m in (4, 16)]
     reference = launch(reference_run, 1, model_path, batch_path, PROMPTS, GROUP_SIZE, 0, reference_variants)[0]
-    two = launch(layout_run, 2, model_path, batch_path, [(name, _layout_variants(name)) for name in TWO_RANKS])
+    two = launch(layout_run, 2, model_path, batch_path, [(name, layout_variants(name, LOSSES)) for name in TWO_RANKS])
     # The per-call scope's dependence on micro-batching needs one counter-example only.
-    dp2_variants = _layout_variants("TP2xDP2, SP") + [
+    dp2_variants = layout_variants("TP2xDP2, SP", LOSSES) + [
         Variant(loss, **kw) for loss in ["vanilla", *WIDE_SCOPES] for kw in OTHER_MICRO_BATCHINGS
     ]
     dp2_variants.append(Variant("cw_grpo_microbatch", **OTHER_MICRO_BATCHINGS[0]))
-    plan = [("TP2xPP2", _layout_variants("TP2xPP2")), ("TP2xDP2, SP", dp2_variants)]
+    plan = [("TP2xPP2", layout_variants("TP2xPP2", LOSSES)), ("TP2xDP2, SP", dp2_variants)]
     four = launch(layouts_and_a_wrong_group, 4, model_path, batch_path, plan, "TP2xDP2, SP")
     per_rank = {name: [rank[name] for rank in ranks] for ranks in (two, four) for name in ranks[0] if name in LAYOUTS}
     return {
@@ -79,16 +83,14 @@ def runs(tmp_path_factory):
     }
 
 
-def _layout_variants(name):
-    return [Variant(loss, micro_batch_size=MICRO[name]) for loss in LOSSES]
-
-
 def _reference(runs, layout, loss):
-    return runs["reference"]["variants"][Variant(loss, micro_batch_size=REFERENCE_MICRO[layout])]
+    return runs["reference"]["variants"][Variant(loss, micro_batch_size=REFERENCE_MICRO_BATCH[layout])]
 
 
 def _layout(runs, layout, loss, **micro_batching):
-    return runs["layouts"][layout]["variants"][Variant(loss, **(micro_batching or {"micro_batch_size": MICRO[layout]}))]
+    return runs["layouts"][layout]["variants"][
+        Variant(loss, **(micro_batching or {"micro_batch_size": MICRO_BATCH[layout]}))
+    ]
 
 
 def _single_process_floor(runs):
@@ -108,7 +110,7 @@ def _floors(runs, layout):
     return floors
 
 
-@pytest.mark.parametrize("layout", list(MICRO))
+@pytest.mark.parametrize("layout", list(MICRO_BATCH))
 def test_vanilla_on_each_layout_differs_from_one_process_by_rounding_only(runs, layout):
     """Sanity of the floors the CW tests lean on: a broken layout would make them large."""
     single = _single_process_floor(runs)
@@ -119,7 +121,7 @@ def test_vanilla_on_each_layout_differs_from_one_process_by_rounding_only(runs, 
 
 
 @pytest.mark.parametrize("loss_mode", CW_LOSSES)
-@pytest.mark.parametrize("layout", list(MICRO))
+@pytest.mark.parametrize("layout", list(MICRO_BATCH))
 def test_each_layout_trains_like_one_process(runs, layout, loss_mode):
     """Same loss, gradient norm, gradient and updated weights as one process, within the measured floors."""
     got = deviations(_layout(runs, layout, loss_mode), _reference(runs, layout, loss_mode))
@@ -129,7 +131,7 @@ def test_each_layout_trains_like_one_process(runs, layout, loss_mode):
     assert _reference(runs, layout, loss_mode)["metrics"]["actor/grad_norm"] > 0
 
 
-@pytest.mark.parametrize("layout", list(MICRO))
+@pytest.mark.parametrize("layout", list(MICRO_BATCH))
 def test_statistics_and_weights_do_not_depend_on_the_layout(runs, layout):
     """The wide scopes' statistics come from old log-probs, which are data: every layout applies the very
     same per-token weights, and their statistics cover each valid token of the batch exactly once (no
@@ -151,11 +153,11 @@ def test_the_loss_runs_only_on_the_last_pipeline_stage(runs, layout, stages):
     world_size / stages ranks. Each of them makes one loss call per micro-batch; the others none."""
     for loss in CW_LOSSES:
         calls = [
-            rank["variants"][Variant(loss, micro_batch_size=MICRO[layout])]["loss_calls"]
+            rank["variants"][Variant(loss, micro_batch_size=MICRO_BATCH[layout])]["loss_calls"]
             for rank in runs["per_rank"][layout]
         ]
         per_stage = len(calls) // stages
-        micro_batches = PROMPTS * GROUP_SIZE // MICRO[layout]
+        micro_batches = PROMPTS * GROUP_SIZE // MICRO_BATCH[layout]
         assert calls == [0] * (len(calls) - per_stage) + [micro_batches] * per_stage, (loss, calls)
 
 

@@ -100,45 +100,31 @@ class Actor:
 
 
 def _fsdp_actor_config(setup: ActorSetup):
-    from verl.workers.config import FSDPActorConfig, FSDPEngineConfig, FSDPOptimizerConfig, PolicyLossConfig
+    from verl.workers.config import FSDPActorConfig, FSDPEngineConfig, FSDPOptimizerConfig
 
     precision = {"param_dtype": setup.param_dtype or "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
     return FSDPActorConfig(
         strategy="fsdp2",
-        optim=FSDPOptimizerConfig(
-            lr=setup.lr,
-            lr_warmup_steps_ratio=setup.lr_warmup_steps_ratio,
-            weight_decay=setup.weight_decay,
-            clip_grad=setup.clip_grad,
-            total_training_steps=setup.total_training_steps,
-        ),
+        optim=FSDPOptimizerConfig(**_optimizer_keys(setup)),
         fsdp_config=FSDPEngineConfig(
             strategy="fsdp2",
             use_torch_compile=False,
             mixed_precision=precision,
             use_dynamic_bsz=setup.use_dynamic_bsz,
         ),
-        policy_loss=PolicyLossConfig(loss_mode=setup.loss_mode),
         use_remove_padding=setup.use_remove_padding,
         **_common_actor_keys(setup),
     )
 
 
 def _megatron_actor_config(setup: ActorSetup):
-    from verl.workers.config import McoreActorConfig, McoreEngineConfig, McoreOptimizerConfig, PolicyLossConfig
+    from verl.workers.config import McoreActorConfig, McoreEngineConfig, McoreOptimizerConfig
 
     dtype = {None: "bfloat16", "bf16": "bfloat16", "fp16": "float16"}.get(setup.param_dtype, setup.param_dtype)
     return McoreActorConfig(
         strategy="megatron",
-        optim=McoreOptimizerConfig(
-            lr=setup.lr,
-            lr_warmup_steps_ratio=setup.lr_warmup_steps_ratio,
-            weight_decay=setup.weight_decay,
-            clip_grad=setup.clip_grad,
-            total_training_steps=setup.total_training_steps,
-            # FSDP's scheduler keeps the rate constant after warm-up; the same here, so both engines agree.
-            lr_decay_style="constant",
-        ),
+        # FSDP's scheduler keeps the rate constant after warm-up; the same here, so both engines agree.
+        optim=McoreOptimizerConfig(lr_decay_style="constant", **_optimizer_keys(setup)),
         megatron=McoreEngineConfig(
             tensor_model_parallel_size=setup.tensor_model_parallel_size,
             pipeline_model_parallel_size=setup.pipeline_model_parallel_size,
@@ -157,13 +143,25 @@ def _megatron_actor_config(setup: ActorSetup):
                 "masked_softmax_fusion": False,
             },
         ),
-        policy_loss=PolicyLossConfig(loss_mode=setup.loss_mode),
         **_common_actor_keys(setup),
     )
 
 
-def _common_actor_keys(setup: ActorSetup) -> dict[str, Any]:
+def _optimizer_keys(setup: ActorSetup) -> dict[str, Any]:
     return dict(
+        lr=setup.lr,
+        lr_warmup_steps_ratio=setup.lr_warmup_steps_ratio,
+        weight_decay=setup.weight_decay,
+        clip_grad=setup.clip_grad,
+        total_training_steps=setup.total_training_steps,
+    )
+
+
+def _common_actor_keys(setup: ActorSetup) -> dict[str, Any]:
+    from verl.workers.config import PolicyLossConfig
+
+    return dict(
+        policy_loss=PolicyLossConfig(loss_mode=setup.loss_mode),
         rollout_n=setup.rollout_n,
         ppo_mini_batch_size=setup.ppo_mini_batch_size,
         ppo_micro_batch_size_per_gpu=setup.ppo_micro_batch_size_per_gpu,

@@ -28,6 +28,16 @@ LAYOUTS = {
     "TP2xDP2, SP": {**MEGATRON, "tensor_model_parallel_size": 2, "sequence_parallel": True},
 }
 WORLD_SIZES = {"1 process": 1, "TP2, SP": 2, "PP2": 2, "CP2": 2, "TP2xPP2": 4, "TP2xDP2, SP": 4}
+# Sequences per micro-batch and rank, for a 16-sequence batch: layouts with one data-parallel rank run 4
+# micro-batches of 4 (several in the pipeline at once), as the one-process reference does; TP2xDP2 runs one
+# micro-batch of 8 per rank, the same global partition as one micro-batch of 16 on one process (the per-call
+# scope's statistics depend on the partition, by design).
+MICRO_BATCH = {"TP2, SP": 4, "PP2": 4, "CP2": 4, "TP2xPP2": 4, "TP2xDP2, SP": 8}
+REFERENCE_MICRO_BATCH = {name: 16 if name == "TP2xDP2, SP" else 4 for name in MICRO_BATCH}
+
+
+def layout_variants(name: str, losses: list[str]) -> list[Variant]:
+    return [Variant(loss, micro_batch_size=MICRO_BATCH[name]) for loss in losses]
 
 
 def reference_run(
@@ -83,4 +93,15 @@ def deviations(got: dict, reference: dict) -> dict[str, float]:
     }
 
 
-__all__ = ["LAYOUTS", "WORLD_SIZES", "Variant", "deviations", "layout_run", "reference_run", "relative"]
+__all__ = [
+    "LAYOUTS",
+    "MICRO_BATCH",
+    "REFERENCE_MICRO_BATCH",
+    "WORLD_SIZES",
+    "Variant",
+    "deviations",
+    "layout_run",
+    "layout_variants",
+    "reference_run",
+    "relative",
+]
