@@ -135,13 +135,9 @@ def _megatron_actor_config(setup: ActorSetup):
             dtype=dtype,
             # mbridge (verl's "vanilla" bridge) installs here; Megatron-Bridge, verl's default, does not.
             vanilla_mbridge=True,
-            override_transformer_config={
-                # mbridge turns sequence parallelism on whenever TP > 1 and verl's engine does not pass its
-                # own `sequence_parallel` to mbridge: the knob goes through the bridge's config overrides.
-                "sequence_parallel": setup.sequence_parallel,
-                # megatron's fused softmax is a CUDA kernel.
-                "masked_softmax_fusion": False,
-            },
+            # mbridge turns sequence parallelism on whenever TP > 1, and verl's engine does not pass its own
+            # `sequence_parallel` to mbridge: the knob goes through the bridge's config overrides.
+            override_transformer_config={"sequence_parallel": setup.sequence_parallel},
         ),
         **_common_actor_keys(setup),
     )
