@@ -264,6 +264,8 @@ mkdir -p "$(dirname "$METRICS_FILE")"
 if [[ "${SUPERVISE:-0}" == 1 ]]; then
     # SUPERVISE_ARGS: e.g. (--startup-timeout 600 --step-timeout 120); see python -m cw_verl.cpu.supervise --help.
     declare -p SUPERVISE_ARGS &>/dev/null || SUPERVISE_ARGS=()
-    CMD=("$PYTHON" -m cw_verl.cpu.supervise --metrics "$METRICS_FILE" "${SUPERVISE_ARGS[@]}" -- "${CMD[@]}")
+    # Next to the metrics: the run's status, times and peak memory (JSON).
+    CMD=("$PYTHON" -m cw_verl.cpu.supervise --metrics "$METRICS_FILE" --report "${METRICS_FILE%.jsonl}.run.json"
+        "${SUPERVISE_ARGS[@]}" -- "${CMD[@]}")
 fi
 exec "${CMD[@]}"

@@ -16,6 +16,21 @@ set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
 MODEL_TAG=tiny-cpu
+
+# --- "cluster": GPUS_PER_NODE CPU ranks, each one actor rank and one vLLM server ------------------------
+GPUS_PER_NODE=${GPUS_PER_NODE:-2}
+ACTOR_STRATEGY=${ACTOR_STRATEGY:-fsdp2}
+case "$ACTOR_STRATEGY" in
+    megatron)
+        ACTOR_TP=${ACTOR_TP:-2}
+        "$PYTHON" -c 'import sys; from cw_verl.cpu.activation import CPU_SHIM_MODULES as m; sys.exit("cw_verl.cpu.megatron" not in m)' || {
+            echo "ERROR: ACTOR_STRATEGY=megatron needs cw_verl's Megatron CPU support (cw_verl.cpu.megatron in cw_verl/cpu/activation.py's CPU_SHIM_MODULES); use ACTOR_STRATEGY=fsdp2" >&2
+            exit 1
+        }
+        ;;
+    *) ACTOR_TP=${ACTOR_TP:-1} ;;
+esac
+
 TINY_DIR=${TINY_DIR:-$PWD/runs/tiny_cpu_assets}
 case "$TINY_DIR" in /*) ;; *) TINY_DIR=$PWD/$TINY_DIR ;; esac
 # Builds the model and data, or reuses them when TINY_DIR already holds this build.
@@ -43,20 +58,6 @@ LR=${LR:-1e-4}
 MIN_LR=${MIN_LR:-1e-5}
 SAVE_FREQ=${SAVE_FREQ:-10}
 PROJECT=${PROJECT:-cw_grpo_tiny_cpu}
-
-# --- "cluster": GPUS_PER_NODE CPU ranks, each one actor rank and one vLLM server ------------------------
-GPUS_PER_NODE=${GPUS_PER_NODE:-2}
-ACTOR_STRATEGY=${ACTOR_STRATEGY:-fsdp2}
-case "$ACTOR_STRATEGY" in
-    megatron)
-        ACTOR_TP=${ACTOR_TP:-2}
-        "$PYTHON" -c 'import sys; from cw_verl.cpu.activation import CPU_SHIM_MODULES as m; sys.exit("cw_verl.cpu.megatron" not in m)' || {
-            echo "ERROR: ACTOR_STRATEGY=megatron needs cw_verl's Megatron CPU support (cw_verl.cpu.megatron in cw_verl/cpu/activation.py's CPU_SHIM_MODULES); use ACTOR_STRATEGY=fsdp2" >&2
-            exit 1
-        }
-        ;;
-    *) ACTOR_TP=${ACTOR_TP:-1} ;;
-esac
 
 # --- the CPU platform in every process of the run (cw_verl/cpu/activation.py) --------------------------
 export VERL_PLATFORM=cpu
@@ -94,6 +95,11 @@ PROFILE_OVERRIDES=(
     actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64
     actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=64
     actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64
+    # verl's replay buffer checks for finished rollouts every 2 s (fixed); tiny rollouts take a fraction of that.
+    trainer.v1.sampler.custom_sampler.path=pkg://cw_verl.cpu.sampler
+    trainer.v1.sampler.custom_sampler.name=FastPollReplayBuffer
+    # Checkpoints also carry a Hugging Face copy of the policy (loadable as is; the tests compare it).
+    "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]"
     # Validation (the held-out split) before training and at the end, as the demo's figure shows.
     trainer.val_before_train=True
     "trainer.test_freq=$TOTAL_STEPS"
@@ -119,6 +125,7 @@ SUPERVISE_ARGS=(
     --startup-timeout "${STARTUP_TIMEOUT:-900}"
     --step-timeout "${STEP_TIMEOUT:-300}"
     --timeout "${RUN_TIMEOUT:-7200}"
+    --lost-process-grace "${LOST_PROCESS_GRACE:-30}"
 )
 
 # shellcheck source=recipes/common.sh

@@ -22,7 +22,10 @@ daemons and workers (and vLLM's engine processes) running, holding gigabytes. Th
   run is stopped with a message naming the lost process (a normal shutdown ends the trainer first);
 * when the command ends (exit, crash, limit, or Ctrl-C/SIGTERM of the supervisor), terminates every
   process carrying the tag (SIGTERM, then SIGKILL after a grace period) and reports how many were left;
-* exits with the command's status, or 124 when a limit was hit, 130/143 when interrupted.
+* exits with the command's status, or 124 when a limit was hit, 130/143 when interrupted;
+* with ``--report FILE``, writes a JSON summary: status, wall seconds, seconds to the first logged
+  step, and the run's peak memory (the sum of its processes' proportional set sizes, sampled every few
+  seconds, so shared libraries are counted once).
 
 Linux only (``/proc``). The command's own output passes through unchanged.
 """
@@ -30,6 +33,7 @@ Linux only (``/proc``). The command's own output passes through unchanged.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -109,6 +113,21 @@ def critical_processes(pids: list[int]) -> dict[int, str]:
     return found
 
 
+def pss_bytes(pids: list[int]) -> int:
+    """Sum of the processes' proportional set sizes (``/proc/<pid>/smaps_rollup``): shared pages counted once."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -134,7 +153,9 @@ class _Interrupted(Exception):
         self.signum = signum
 
 
-def supervise(command: list[str], metrics: Path, limits: Limits, poll_s: float = 1.0) -> int:
+def supervise(
+    command: list[str], metrics: Path, limits: Limits, poll_s: float = 1.0, report: Path | None = None
+) -> int:
     """Run ``command`` under ``limits`` (see the module docstring); returns the exit status to use."""
     run_id = uuid.uuid4().hex
     env = dict(os.environ, **{RUN_ID_ENV: run_id})
@@ -146,11 +167,13 @@ def supervise(command: list[str], metrics: Path, limits: Limits, poll_s: float =
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     status = None
     reason = None
+    peak_pss, first_step_s, last_memory_sample = 0, None, 0.0
+    # Lines already in the file (a metrics file that is not fresh) are not progress of this run.
+    baseline = _lines(metrics)
+    seen, last_progress = baseline, start
     try:
         # Its own session: a Ctrl-C in the terminal reaches the supervisor, which then stops everything in order.
         proc = subprocess.Popen(command, env=env, start_new_session=True)
-        seen, last_progress = _lines(metrics), start
-        baseline = seen
         watched: dict[int, str] = {}
         lost: tuple[int, str, float] | None = None
         while status is None:
@@ -163,7 +186,12 @@ def supervise(command: list[str], metrics: Path, limits: Limits, poll_s: float =
             lines = _lines(metrics)
             if lines > seen:
                 seen, last_progress = lines, now
-            alive = critical_processes(tagged_pids(run_id, {os.getpid()}))
+                if first_step_s is None:
+                    first_step_s = now - start
+            pids = tagged_pids(run_id, {os.getpid()})
+            if now - last_memory_sample >= 5.0:
+                peak_pss, last_memory_sample = max(peak_pss, pss_bytes(pids)), now
+            alive = critical_processes(pids)
             if lost is None:
                 gone = [pid for pid in watched if pid not in alive]
                 if gone:  # reported only if the trainer outlives the grace period (a shutdown ends it first)
@@ -196,9 +224,23 @@ def supervise(command: list[str], metrics: Path, limits: Limits, poll_s: float =
         if left:
             _say(f"terminated {left} process(es) the trainer left behind (Ray, vLLM, workers)")
     elapsed = time.monotonic() - start
-    if status not in (0, None) and reason is None:
+    if first_step_s is None and _lines(metrics) > baseline:  # logged after the last poll
+        first_step_s = elapsed
+    status = 1 if status is None else status
+    if status != 0 and reason is None:
         _say(f"the trainer exited with status {status} after {elapsed:.0f} s")
-    return 1 if status is None else status
+    if report is not None:
+        summary = {
+            "status": status,
+            "limit_hit": reason,
+            "wall_seconds": elapsed,
+            "seconds_to_first_logged_step": first_step_s,
+            "peak_pss_gb": peak_pss / 2**30,
+            "command": command,
+        }
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(summary, indent=2))
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         default=Limits.lost_process_grace_s,
         help="seconds the trainer may keep running after losing a vLLM engine or a Ray worker",
     )
+    parser.add_argument("--report", type=Path, help="write a JSON summary here (status, times, peak memory)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -228,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         total_s=args.timeout,
         lost_process_grace_s=args.lost_process_grace,
     )
-    return supervise(command, args.metrics, limits)
+    return supervise(command, args.metrics, limits, report=args.report)
 
 
 if __name__ == "__main__":
