@@ -106,9 +106,8 @@ PROFILE_OVERRIDES=(
 )
 if [[ "$ACTOR_STRATEGY" == megatron ]]; then
     PROFILE_OVERRIDES+=(
-        # mbridge's own bridge (Megatron-Bridge does not install here); megatron's fused softmax is CUDA-only.
+        # mbridge's own bridge: Megatron-Bridge, verl's default, does not install here.
         actor_rollout_ref.actor.megatron.vanilla_mbridge=True
-        +actor_rollout_ref.actor.megatron.override_transformer_config.masked_softmax_fusion=False
     )
 else
     PROFILE_OVERRIDES+=(
