@@ -191,12 +191,13 @@ def supervise(
             pids = tagged_pids(run_id, {os.getpid()})
             if now - last_memory_sample >= 5.0:
                 peak_pss, last_memory_sample = max(peak_pss, pss_bytes(pids)), now
-            alive = critical_processes(pids)
             if lost is None:
-                gone = [pid for pid in watched if pid not in alive]
+                # Gone from the process table (a title change, e.g. an actor's method ending, is not a loss).
+                running = set(pids)
+                gone = [pid for pid in watched if pid not in running]
                 if gone:  # reported only if the trainer outlives the grace period (a shutdown ends it first)
                     lost = (gone[0], watched[gone[0]], now)
-            watched.update(alive)
+            watched.update(critical_processes(pids))
             if now - start > limits.total_s:
                 reason = f"the run exceeded --timeout {limits.total_s:.0f} s"
             elif seen == baseline and now - start > limits.startup_s:

@@ -119,6 +119,15 @@ def test_losing_a_vllm_engine_stops_a_run_that_keeps_waiting(tmp_path):
     assert tagged_anywhere() == []
 
 
+def test_a_worker_changing_its_title_is_not_a_lost_process(tmp_path):
+    # Ray retitles an actor's process per method call ("ray::WorkerDict.update_actor" -> "ray::IDLE"...): the same
+    # pid under a new title, which is not a loss. Here bash exec's itself under a new title, keeping its pid.
+    worker = 'exec -a "ray::WorkerDict.update_actor" bash -c "sleep 3; exec -a ray::IDLE sleep 600"'
+    result = supervise(tmp_path, f"{STEP}; ({worker}) & sleep 8; {STEP}", "--lost-process-grace", "2")
+    assert result.returncode == 0, result.stderr
+    assert "the run lost" not in result.stderr
+
+
 def test_interrupting_the_supervisor_ends_the_run(tmp_path):
     command = [sys.executable, "-m", "cw_verl.cpu.supervise", "--metrics", str(tmp_path / "metrics.jsonl")]
     command += ["--", "bash", "-c", "setsid sleep 600 & echo $! > daemon.pid; sleep 600"]
