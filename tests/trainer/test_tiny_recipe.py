@@ -11,6 +11,8 @@ import yaml
 from tests.trainer import tiny_runs
 
 ARMS = ("grpo", "cw_grpo")
+# The module fixture builds the tiny assets and runs two launch checks: a few minutes on a loaded 2-core box.
+pytestmark = pytest.mark.timeout(1800)
 
 
 def flatten(node, prefix=""):

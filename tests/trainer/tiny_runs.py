@@ -70,7 +70,8 @@ def start(root: Path, tiny_dir: Path, name: str, *overrides: str, **settings: st
     env, marker = recipe_env(root, tiny_dir, name, **settings)
     run = TinyRun(name=name, marker=marker, run_dir=root / "e2e" / name, log=root / f"{name}.{marker}.log")
     sink = open(run.log, "w")
-    proc = subprocess.Popen(["bash", str(RECIPE), *overrides], env=env, stdout=sink, stderr=subprocess.STDOUT)
+    # In root: Hydra writes its outputs/ directory into the working directory.
+    proc = subprocess.Popen(["bash", str(RECIPE), *overrides], env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=root)
     sink.close()
     run.notes["started"] = time.monotonic()
     return run, proc
