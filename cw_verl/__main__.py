@@ -1,4 +1,4 @@
-"""``python -m cw_verl [check|demo|plot]``.
+"""``python -m cw_verl [check|demo|trainer-demo|plot]``.
 
 ``check`` (the default) imports verl the way every verl process does and reports what cw_verl
 registered and patched, and what is wrong; it exits non-zero on any problem, because verl itself
@@ -88,13 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cw_verl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("check", help="report registrations and patches (default)")
-    sub.add_parser("demo", help="CW-GRPO vs GRPO on verl's engine on CPU", add_help=False)
+    sub.add_parser("demo", help="CW-GRPO vs GRPO on verl's engine on CPU (harness, fast)", add_help=False)
+    sub.add_parser("trainer-demo", help="CW-GRPO vs GRPO through verl's main_ppo on CPU (make demo)", add_help=False)
     sub.add_parser("plot", help="figure from verl file-logger JSONL", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from cw_verl.demo.cli import main as demo_main
 
         return demo_main(rest)
+    if args.command == "trainer-demo":
+        from cw_verl.demo.trainer_demo import main as trainer_demo_main
+
+        return trainer_demo_main(rest)
     if args.command == "plot":
         from cw_verl.demo.plot import main as plot_main
 

@@ -35,13 +35,17 @@ def _hooks():
 
 
 def install() -> None:
-    """Arm the post-import hooks (idempotent)."""
+    """Arm the post-import hooks (idempotent); with ``VERL_PLATFORM=cpu`` also cw_verl's CPU support."""
     import wrapt
+
+    from cw_verl.cpu.activation import activate as activate_cpu_support
 
     for module_name, hook in _hooks().items():
         if module_name not in INSTALLED_HOOKS:
             wrapt.register_post_import_hook(hook, module_name)
             INSTALLED_HOOKS.append(module_name)
+    # A no-op unless the CPU platform is selected (cw_verl/cpu/activation.py).
+    activate_cpu_support()
 
 
 try:

@@ -7,6 +7,13 @@
 #   ARM=grpo|clip_cov|cw_grpo  selects the Table 2 row; nothing else differs between arms.
 #   DRY_RUN=1                  prints the command and checks it against verl's config; needs no GPU.
 #   Extra arguments are appended as Hydra overrides (they are checked too).
+#
+# Profile hooks (set by a wrapper before sourcing; run_cwgrpo_tiny_cpu.sh uses them, the paper wrappers not):
+#   ACTOR_STRATEGY=megatron|fsdp2  the actor/ref engine (default megatron, verl's ppo_megatron_trainer config).
+#   VAL_FILES=(...)                evaluation parquet files instead of the paper's five sets in DATA_DIR.
+#   REWARD_OVERRIDES=(...)         the reward function overrides instead of the paper's (cw_verl.paper.reward).
+#   PROFILE_OVERRIDES=(...)        Hydra overrides applied after the recipe's own (a later value wins).
+#   SUPERVISE=1                    run main_ppo under cw_verl.cpu.supervise (bounded waits, no process left).
 
 set -euo pipefail
 
@@ -24,7 +31,6 @@ abspath() {
 : "${MODEL_PATH:?set by the wrapper script or the environment}"
 : "${MAX_RESPONSE_LENGTH:?set by the wrapper script}"
 : "${ACTOR_TP:?set by the wrapper script}"
-: "${PROMPT_OPENS_THINK:?set by the wrapper script}"
 
 PYTHON=${PYTHON:-python3}
 ARM=${ARM:-cw_grpo}
@@ -44,6 +50,13 @@ esac
 DATA_DIR=${DATA_DIR:-$HOME/data/cw_grpo}
 TRAIN_FILE=${TRAIN_FILE:-$DATA_DIR/open_rs.parquet}
 EVAL_SETS=(aime24 math500 amc23 minerva olympiadbench)
+
+ACTOR_STRATEGY=${ACTOR_STRATEGY:-megatron}
+case "$ACTOR_STRATEGY" in
+    megatron) CONFIG_NAME=ppo_megatron_trainer ;;
+    fsdp2) CONFIG_NAME=ppo_trainer ;;
+    *) die "ACTOR_STRATEGY must be megatron or fsdp2 (got '$ACTOR_STRATEGY')" ;;
+esac
 
 # --- cluster: the paper used one node with 4 GPUs ------------------------------------------------------
 NNODES=${NNODES:-1}
@@ -93,19 +106,60 @@ METRICS_FILE=$(abspath "$METRICS_FILE")
 # --- fail fast on missing inputs -----------------------------------------------------------------------
 [[ -f "$MODEL_PATH/config.json" ]] || die "MODEL_PATH=$MODEL_PATH is not a local Hugging Face model directory (no config.json); download it first, e.g. huggingface-cli download <repo> --local-dir <dir>"
 [[ -f "$TRAIN_FILE" ]] || die "training data $TRAIN_FILE not found; build it with: $PYTHON -m cw_verl.paper.data --out $DATA_DIR"
-VAL_FILES=()
-for name in "${EVAL_SETS[@]}"; do
-    file=$DATA_DIR/$name.parquet
-    [[ -f "$file" ]] || die "evaluation data $file not found; build it with: $PYTHON -m cw_verl.paper.data --out $DATA_DIR"
-    VAL_FILES+=("$file")
-done
+if declare -p VAL_FILES &>/dev/null; then
+    for file in "${VAL_FILES[@]}"; do
+        [[ -f "$file" ]] || die "evaluation data $file not found"
+    done
+else
+    VAL_FILES=()
+    for name in "${EVAL_SETS[@]}"; do
+        file=$DATA_DIR/$name.parquet
+        [[ -f "$file" ]] || die "evaluation data $file not found; build it with: $PYTHON -m cw_verl.paper.data --out $DATA_DIR"
+        VAL_FILES+=("$file")
+    done
+fi
 val_list=$(printf "'%s'," "${VAL_FILES[@]}")
 val_list=${val_list%,}
 
 loggers=console,file
 [[ -n "$EXTRA_LOGGERS" ]] && loggers+=",$EXTRA_LOGGERS"
 offload=$([[ "$OFFLOAD" == 1 ]] && echo True || echo False)
-opens_think=$([[ "$PROMPT_OPENS_THINK" == 1 ]] && echo True || echo False)
+
+if ! declare -p REWARD_OVERRIDES &>/dev/null; then
+    : "${PROMPT_OPENS_THINK:?set by the wrapper script}"
+    opens_think=$([[ "$PROMPT_OPENS_THINK" == 1 ]] && echo True || echo False)
+    # Reward: paper App. C (accuracy + think-tag format), see cw_verl/paper/reward.py.
+    REWARD_OVERRIDES=(
+        reward.custom_reward_function.path=pkg://cw_verl.paper.reward
+        reward.custom_reward_function.name=compute_score
+        "+reward.custom_reward_function.reward_kwargs.prompt_opens_think=$opens_think"
+    )
+fi
+
+if [[ "$ACTOR_STRATEGY" == megatron ]]; then
+    STRATEGY_OVERRIDES=(
+        "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=$ACTOR_TP"
+        "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=$ACTOR_PP"
+        "actor_rollout_ref.actor.megatron.context_parallel_size=$ACTOR_CP"
+        "actor_rollout_ref.actor.megatron.param_offload=$offload"
+        "actor_rollout_ref.actor.megatron.optimizer_offload=$offload"
+        # Cosine decay to MIN_LR after the warm-up (Open-RS's schedule).
+        actor_rollout_ref.actor.optim.lr_decay_style=cosine
+        "actor_rollout_ref.actor.optim.min_lr=$MIN_LR"
+    )
+else
+    # verl's ppo_trainer config: the ref model follows the actor's strategy; TP/PP/CP do not apply.
+    STRATEGY_OVERRIDES=(
+        actor_rollout_ref.actor.strategy=fsdp2
+        actor_rollout_ref.actor.fsdp_config.strategy=fsdp2
+        actor_rollout_ref.ref.fsdp_config.strategy=fsdp2
+        "actor_rollout_ref.actor.fsdp_config.param_offload=$offload"
+        "actor_rollout_ref.actor.fsdp_config.optimizer_offload=$offload"
+        # The same cosine schedule in the FSDP optimizer's terms (a floor relative to LR).
+        actor_rollout_ref.actor.optim.lr_scheduler_type=cosine
+        "actor_rollout_ref.actor.optim.min_lr_ratio=$(awk -v lo="$MIN_LR" -v lr="$LR" 'BEGIN { print lo / lr }')"
+    )
+fi
 
 OVERRIDES=(
     # Algorithm: the only lines that differ between the three arms.
@@ -127,8 +181,6 @@ OVERRIDES=(
     # Optimizer: trl's AdamW defaults (no weight decay, grad-norm clip 1.0) with Open-RS's schedule.
     "actor_rollout_ref.actor.optim.lr=$LR"
     "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=$WARMUP_RATIO"
-    actor_rollout_ref.actor.optim.lr_decay_style=cosine
-    "actor_rollout_ref.actor.optim.min_lr=$MIN_LR"
     actor_rollout_ref.actor.optim.weight_decay=0.0
     actor_rollout_ref.actor.optim.clip_grad=1.0
     # Lengths: rollout.max_model_len is explicit so vLLM never silently shortens a generation.
@@ -141,17 +193,10 @@ OVERRIDES=(
     data.prompt_key=prompt
     data.shuffle=True
     "data.seed=$SEED"
-    # Reward: paper App. C (accuracy + think-tag format), see cw_verl/paper/reward.py.
-    reward.custom_reward_function.path=pkg://cw_verl.paper.reward
-    reward.custom_reward_function.name=compute_score
-    "+reward.custom_reward_function.reward_kwargs.prompt_opens_think=$opens_think"
-    # Model and Megatron actor/ref.
+    "${REWARD_OVERRIDES[@]}"
+    # Model and actor/ref engine (Megatron for the paper's runs).
     "actor_rollout_ref.model.path=$MODEL_PATH"
-    "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=$ACTOR_TP"
-    "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=$ACTOR_PP"
-    "actor_rollout_ref.actor.megatron.context_parallel_size=$ACTOR_CP"
-    "actor_rollout_ref.actor.megatron.param_offload=$offload"
-    "actor_rollout_ref.actor.megatron.optimizer_offload=$offload"
+    "${STRATEGY_OVERRIDES[@]}"
     # vLLM rollout.
     actor_rollout_ref.rollout.name=vllm
     "actor_rollout_ref.rollout.temperature=$TEMPERATURE"
@@ -198,8 +243,12 @@ else
     )
 fi
 
-CMD=("$PYTHON" -m verl.trainer.main_ppo --config-name=ppo_megatron_trainer "${OVERRIDES[@]}" "$@")
-CHECK=("$PYTHON" -m cw_verl.paper.launch_check)
+if declare -p PROFILE_OVERRIDES &>/dev/null; then
+    OVERRIDES+=("${PROFILE_OVERRIDES[@]}")
+fi
+
+CMD=("$PYTHON" -m verl.trainer.main_ppo "--config-name=$CONFIG_NAME" "${OVERRIDES[@]}" "$@")
+CHECK=("$PYTHON" -m cw_verl.paper.launch_check --config-name "$CONFIG_NAME")
 [[ -n "${DUMP_CONFIG:-}" ]] && CHECK+=(--dump-config "$DUMP_CONFIG")
 
 echo "# $MODEL_TAG, arm $ARM; outputs in $RUN_DIR"
@@ -212,4 +261,11 @@ if [[ "$DRY_RUN" == 1 ]]; then
     exit 0
 fi
 mkdir -p "$(dirname "$METRICS_FILE")"
+if [[ "${SUPERVISE:-0}" == 1 ]]; then
+    # SUPERVISE_ARGS: e.g. (--startup-timeout 600 --step-timeout 120); see python -m cw_verl.cpu.supervise --help.
+    declare -p SUPERVISE_ARGS &>/dev/null || SUPERVISE_ARGS=()
+    # Next to the metrics: the run's status, times and peak memory (JSON).
+    CMD=("$PYTHON" -m cw_verl.cpu.supervise --metrics "$METRICS_FILE" --report "${METRICS_FILE%.jsonl}.run.json"
+        "${SUPERVISE_ARGS[@]}" -- "${CMD[@]}")
+fi
 exec "${CMD[@]}"

@@ -1,10 +1,14 @@
-"""CPU support for running verl's actor training path without GPUs or Ray (a test and demo aid).
+"""CPU support for verl: its real trainer (main_ppo, Ray, vLLM) and its actor path on gloo ranks, without GPUs.
 
-verl 0.9.1 ships no CPU platform. :mod:`cw_verl.cpu.platform` adds one so that verl's own
-``TrainingWorker`` / FSDP2 engine / ``ppo_loss`` run on gloo ranks on a laptop or CI box;
-:mod:`cw_verl.cpu.megatron` (with :mod:`cw_verl.cpu.megatron_layers`) does the same for verl's Megatron
-engine; :mod:`cw_verl.cpu.harness` builds such a worker (FSDP2 or Megatron) and drives it the way verl's
-trainer does; :mod:`cw_verl.cpu.launch` starts the ranks; :mod:`cw_verl.cpu.tiny_model` builds a tiny Llama
-and a character tokenizer locally; :mod:`cw_verl.cpu.studies` and :mod:`cw_verl.cpu.megatron_study` are the
-measurements the tests and benchmarks share. None of this is used on a GPU cluster.
+verl 0.9.1 ships no CPU platform. :mod:`cw_verl.cpu.platform` adds one; :mod:`cw_verl.cpu.activation`
+turns it and the CPU shims (:mod:`cw_verl.cpu.verl_shims` for the trainer, :mod:`cw_verl.cpu.megatron`
+with :mod:`cw_verl.cpu.megatron_layers` for verl's Megatron engine, and vLLM's plugin
+:mod:`cw_verl.cpu.vllm_plugin`) on in every process of a run when ``VERL_PLATFORM=cpu``, and never
+otherwise; :mod:`cw_verl.cpu.supervise` bounds a run's waits and ends all its processes;
+:mod:`cw_verl.cpu.sampler` is verl's replay buffer with a short poll for tiny runs. Without Ray,
+:mod:`cw_verl.cpu.harness` builds verl's actor worker (FSDP2 or Megatron) and drives it the way verl's
+trainer does and :mod:`cw_verl.cpu.launch` starts the gloo ranks; :mod:`cw_verl.cpu.tiny_model` builds a
+tiny Llama and a character tokenizer locally; :mod:`cw_verl.cpu.studies` and
+:mod:`cw_verl.cpu.megatron_study` are the measurements the tests and benchmarks share. None of this is
+used on a GPU cluster.
 """

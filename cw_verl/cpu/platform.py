@@ -1,4 +1,4 @@
-"""A CPU platform for verl 0.9.1 (test/demo aid; never used on a GPU cluster).
+"""A CPU platform for verl 0.9.1 (CPU-only runs; never selected on a GPU cluster).
 
 verl resolves its device once, on the first ``verl.plugin.platform.get_platform()`` call, and some
 modules read it at import time (``verl/workers/engine/fsdp/transformer_impl.py`` stores
@@ -165,13 +165,18 @@ class PlatformCPU(PlatformBase):
         return None
 
     def ray_resource_name(self) -> str:
-        raise NotImplementedError("cw_verl's CPU platform runs verl without Ray; it has no Ray resource.")
+        # One unit of Ray's "GPU" resource is one rank slot, declared on a CPU machine with
+        # ``ray.init(num_gpus=N)`` (``+ray_kwargs.ray_init.num_gpus=N`` for main_ppo; Ray accepts it
+        # without GPUs). Not a custom resource: verl 0.9.1's start-up check
+        # (``ResourcePoolManager._check_resource_available``) counts only "GPU" and "NPU". Ray then sets
+        # CUDA_VISIBLE_DEVICES in each worker, which nothing on a CPU-only run reads.
+        return "GPU"
 
     def ray_noset_envvars(self) -> list[str]:
         return []
 
     def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
-        raise NotImplementedError("cw_verl's CPU platform runs verl without Ray; it has no Ray resource.")
+        return {"num_gpus": num_gpus}
 
     def is_ipc_supported(self) -> bool:
         return False

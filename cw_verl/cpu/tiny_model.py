@@ -19,7 +19,11 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-PAD, EOS = "<pad>", "<eos>"
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+# verl's agent loop renders every prompt through the tokenizer's chat template. This one is the
+# identity on a conversation's text: a prompt is exactly its messages' contents, no role markers, and
+# the generation prompt adds nothing, so main_ppo's rollouts see what the harness's rollouts see.
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
 @dataclass(frozen=True)
@@ -35,18 +39,25 @@ class TinyModelSpec:
 
 
 def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
-    """One token per character of ``alphabet``, plus ``<pad>`` (id 0) and ``<eos>`` (id 1)."""
+    """One token per character of ``alphabet`` (ids from 2), ``<pad>`` (id 0), ``<eos>`` (id 1) and ``<unk>`` (last).
+
+    ``<unk>`` stands for any character outside the alphabet. Task code checks its own text
+    (:func:`cw_verl.demo.task.encode` refuses foreign characters); the tokenizer itself must not fail on
+    them, because vLLM's server renders a fixed "warmup" prompt through the chat template at start-up.
+    """
     if len(set(alphabet)) != len(alphabet):
         raise ValueError(f"alphabet has repeated characters: {alphabet!r}")
     vocab = {PAD: 0, EOS: 1}
     vocab.update({ch: i + 2 for i, ch in enumerate(alphabet)})
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    vocab[UNK] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # Every character is its own pre-token, so the word-level model maps characters to ids. "[\s\S]", not
     # ".": a regex dot never matches "\n", which would then silently vanish from the ids.
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK)
     tokenizer.padding_side = "left"
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 

@@ -135,13 +135,16 @@ def _check_think_template(report: Report, cfg, model) -> None:
 
 def _check_batch_split(report: Report, cfg) -> None:
     actor = cfg.actor_rollout_ref.actor
-    mg = actor.megatron
     n_gpus = cfg.trainer.n_gpus_per_node * cfg.trainer.nnodes
-    model_parallel = mg.tensor_model_parallel_size * mg.pipeline_model_parallel_size * mg.context_parallel_size
+    if actor.strategy == "megatron":
+        mg = actor.megatron
+        model_parallel = mg.tensor_model_parallel_size * mg.pipeline_model_parallel_size * mg.context_parallel_size
+    else:  # FSDP: only Ulysses sequence parallelism splits a data-parallel rank's sequences
+        model_parallel = actor.fsdp_config.ulysses_sequence_parallel_size
     rollout_tp = cfg.actor_rollout_ref.rollout.tensor_model_parallel_size
     sequences = cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n
     if n_gpus % model_parallel:
-        report.errors.append(f"parallelism: {n_gpus} GPUs do not divide into TP x PP x CP = {model_parallel}")
+        report.errors.append(f"parallelism: {n_gpus} GPUs do not divide into model-parallel groups of {model_parallel}")
         return
     dp = n_gpus // model_parallel
     report.facts.update(n_gpus=n_gpus, actor_dp=dp, sequences_per_step=sequences)

