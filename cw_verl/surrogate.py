@@ -65,19 +65,23 @@ _SMALLEST_RATIO = float(torch.exp(torch.tensor(-20.0, dtype=torch.float64)))
 
 
 class _ClippedPPO(torch.autograd.Function):
-    """Per-token clipped PPO loss ``-A * clamp(r, lower, upper)`` with its gradient ``-A * r * [unclipped]``."""
+    """Per-token clipped PPO loss ``-A * clamp(r, lower, upper)`` with its gradient ``-A * r * [unclipped]``.
+
+    Also returns (not differentiable) the clamped log-ratio and ``sign(clamp(r) - r)``: -1 where the ratio
+    was clipped from above, +1 from below, 0 where it is not clipped.
+    """
 
     @staticmethod
     def forward(ctx, log_prob, old_log_prob, scaled_advantages, lower, upper):
         log_ratio = (log_prob - old_log_prob).clamp_(-20.0, 20.0)
         ratio = torch.exp(log_ratio)
-        clipped_ratio = torch.clamp(ratio, min=lower, max=upper)
-        negated = scaled_advantages.neg()
-        # Strictly inside the bounds the ratio is not clipped, and differentiable: d loss / d log_prob = -A r.
-        inside = _positive((ratio - lower).mul_(upper - ratio))
-        ctx.save_for_backward(inside.mul_(ratio).mul_(negated))
-        ctx.mark_non_differentiable(log_ratio, ratio, clipped_ratio)
-        return negated.mul_(clipped_ratio), log_ratio, ratio, clipped_ratio
+        clipped = torch.clamp(ratio, min=lower, max=upper)
+        change = torch.sub(clipped, ratio).sign_()
+        # Unclipped (change = 0) the ratio is differentiable: d loss / d log_prob = -A r.
+        coefficient = change.abs().neg_().add_(1.0).mul_(ratio).mul_(scaled_advantages).neg_()
+        ctx.save_for_backward(coefficient)
+        ctx.mark_non_differentiable(log_ratio, change)
+        return clipped.mul_(scaled_advantages).neg_(), log_ratio, change
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -110,18 +114,18 @@ def clipped_surrogate(
     """
     compute = torch.promote_types(log_prob.dtype, torch.float32)
     advantages = advantages.detach().to(compute)
-    sign = torch.sign(advantages)
-    negative, positive = sign.neg().clamp_(min=0.0), sign.clamp_(min=0.0)
+    positive = torch.sign(advantages)
+    negative = positive.neg().clamp_(min=0.0)
+    positive.clamp_(min=0.0)
     lower = negative.mul(1.0 - clip.low - _SMALLEST_RATIO).add_(_SMALLEST_RATIO)
     upper = negative.mul(clip.dual - 1.0 - clip.high).add_(1.0 + clip.high)
     # verl weighs the clipped loss by the importance weights after clipping: the same as weighing A.
     scaled = advantages if is_weights is None else advantages * is_weights.detach().to(compute)
-    losses, log_ratio, ratio, clipped_ratio = _ClippedPPO.apply(
+    losses, log_ratio, change = _ClippedPPO.apply(
         log_prob.to(compute), old_log_prob.detach().to(compute), scaled, lower, upper
     )
     with torch.no_grad():
         # clipfrac: A > 0 clipped above, or A < 0 clipped below 1 - clip_low; lower: A < 0 past clip_ratio_c.
-        change = torch.sign(clipped_ratio.sub_(ratio))
         below = change.neg().clamp_(min=0.0).flatten()
         above = change.clamp_(min=0.0).flatten()
         positive, negative, mask = positive.flatten(), negative.flatten(), mask.to(compute).flatten()

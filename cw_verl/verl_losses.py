@@ -81,18 +81,18 @@ RANK_METRICS = ("weight_mean", "frac_below_half") + tuple(
 )
 
 
-def _order_statistics(cov: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def order_statistics(cov: torch.Tensor, valid: torch.Tensor, count: torch.Tensor, on_device: bool | None = None):
     """Table 1's thresholds over this rank's valid tokens: ``[8]`` = the value the top P reach (P in
     :data:`TABLE1_PERCENTILES`), then the value the bottom P fall below.
 
     ``cov``/``valid``: ``[B, T]``; ``count``: the number of valid tokens (a 0-d tensor). On a GPU a device
     sort (no host sync); on a CPU, where torch's sort is ten times slower than numpy's selection, nested
-    ``numpy.partition`` calls, each on the part the previous one left.
+    ``numpy.partition`` calls, each on the part the previous one left. ``on_device`` forces one (tests).
     """
     fractions = torch.tensor([fraction for fraction, _ in TABLE1_PERCENTILES], dtype=torch.float64)
     # Invalid positions sort last; the valid values are the first `count` of the ascending order.
     keyed = torch.addcmul(cov, 1.0 - valid, torch.tensor(1e18, dtype=cov.dtype, device=cov.device)).flatten()
-    if cov.device.type != "cpu":
+    if cov.device.type != "cpu" if on_device is None else on_device:
         n = count.to(torch.float64)
         k = torch.clamp(torch.ceil(fractions.to(cov.device) * n), min=1).long()
         last = torch.clamp(n.long() - 1, min=0)
@@ -102,18 +102,20 @@ def _order_statistics(cov: torch.Tensor, valid: torch.Tensor, count: torch.Tenso
     n = int(count.item())
     if n == 0:
         return torch.zeros(2 * len(fractions), dtype=torch.float64)
-    values = keyed.detach().to(torch.float32).numpy().copy()
+    values = keyed.detach().to(torch.float32).numpy()  # a fresh array: partitioned in place
+    if n < len(values):
+        values.partition(n - 1)  # the n valid values first
+        values = values[:n]
     ks = [max(1, math.ceil(fraction * n)) for fraction, _ in TABLE1_PERCENTILES]
-    low = sorted({k - 1 for k in ks}, reverse=True)  # bottom thresholds, the widest first
-    high = sorted({n - k for k in ks})  # top thresholds, the widest first
-    # The first cut splits at the widest bottom threshold; each later cut works inside the part that holds it.
-    values.partition(low[0])
-    for position in low[1:]:
-        values[: low[0]].partition(position)
-    start = low[0] + 1
-    for position in high:
+    # Nested selections: each one inside the part the previous one left, the widest first.
+    bottom = sorted({k - 1 for k in ks}, reverse=True)
+    values.partition(bottom[0])
+    for wider, position in zip(bottom, bottom[1:], strict=False):
+        values[:wider].partition(position)
+    start = bottom[0] + 1
+    for position in sorted({n - k for k in ks}):
         if position >= start:
-            values[start:n].partition(position - start)
+            values[start:].partition(position - start)
             start = position + 1
     out = [values[n - k] for k in ks] + [values[k - 1] for k in ks]
     return torch.tensor(out, dtype=torch.float64)
@@ -130,7 +132,7 @@ def _scope_metrics(stats: ScopeStatistics, tokens: WeighedTokens | None) -> torc
     below_half = (tokens.weights < 0.5).sum() - (tokens.valid.numel() - count)
     rank = torch.stack([tokens.weights.sum() / safe, below_half / safe]).to(torch.float64)
     rank = torch.where(count > 0, rank, torch.tensor([1.0, 0.0], dtype=torch.float64, device=rank.device))
-    percentiles = _order_statistics(tokens.cov, tokens.valid, count).to(summary.device)
+    percentiles = order_statistics(tokens.cov, tokens.valid, count).to(summary.device)
     return torch.cat([summary, rank, percentiles])
 
 
@@ -221,7 +223,7 @@ def mini_batch_statistics(scope: str, group, config, device) -> MiniBatchStatist
     status = np.asarray(values[1 + len(SCOPE_METRICS) + len(RANK_METRICS) :]).reshape(-1, 3)
     if problem is None and tokens is None:
         problem = stats.local_problem
-    raise_for_bad_input(status, problem, f"the cw_grpo_{scope} statistics of this mini-batch")
+    raise_for_bad_input(status, problem, f"the cw_grpo_{scope} statistics of this mini-batch", (advantages, mask))
     if values[0] > 0:
         rows = sorted({int(r) for r in stats.rows[stats.rows > 0].tolist()})
         raise CovarianceInputError(
@@ -373,7 +375,7 @@ def cw_grpo_policy_loss(
     host = torch.cat([pg_stats.to(device), checks.to(device, torch.float64)]).tolist()
     pg, rest = host[:3], host[3:]
     if scope == MICROBATCH:
-        raise_for_bad_input(np.asarray(rest[metric_count:]).reshape(-1, 3), None)
+        raise_for_bad_input(np.asarray(rest[metric_count:]).reshape(-1, 3), None, tokens=(advantages, response_mask))
         metrics = _metrics_dict(rest[:metric_count])
     else:
         _raise_together(rest, None, UNCOVERED, group)

@@ -281,8 +281,8 @@ def scope_statistics(
     logp = log_prob.detach().to(dtype)
     adv = advantages.detach().to(dtype)
     # x - x is 0 for finite x and NaN otherwise: a 0/1 indicator of non-finite values.
-    valid = torch.addcmul(mask_f, mask_f, torch.nan_to_num(logp - logp, nan=1.0), value=-1.0)
-    bad_advantages = torch.nan_to_num(adv - adv, nan=1.0).mul_(valid).sum()
+    valid = torch.addcmul(mask_f, mask_f, torch.sub(logp, logp).nan_to_num_(nan=1.0), value=-1.0)
+    bad_advantages = torch.sub(adv, adv).nan_to_num_(nan=1.0).mul_(valid).sum()
     logp0 = torch.nan_to_num(logp, nan=0.0, posinf=0.0, neginf=0.0).mul_(valid)
     adv0 = torch.nan_to_num(adv, nan=0.0, posinf=0.0, neginf=0.0).mul_(valid)
     num_valid = valid.sum(1)
@@ -321,15 +321,16 @@ def scope_statistics(
     # Round 3: per row the smallest |c| and the kernel summed about it; merged as a log-sum-exp. Invalid
     # positions get |c| = _BIG, so that they never hold the minimum, and the kernel 0.
     inv_two_var = stats.inv_two_var.to(dtype)[slots][:, None]
-    invalid = 1.0 - valid
-    abs_cov = torch.addcmul(cov.abs(), invalid, torch.tensor(_BIG, dtype=dtype, device=device))
+    abs_cov = cov.abs()
+    row_max = abs_cov.amax(1)
+    abs_cov.add_(valid.sub(1.0).mul_(-_BIG))
     row_min = abs_cov.amin(1, keepdim=True)  # _BIG for a row without valid tokens
     kernel = kernel_exponent(abs_cov, row_min, inv_two_var).neg_().exp_().mul_(valid)
     has_tokens = num_valid > 0
     per_row = torch.stack(
         [
             torch.where(has_tokens, row_min[:, 0], math.inf).to(F64),
-            torch.where(has_tokens, cov.abs().amax(1), -math.inf).to(F64),
+            torch.where(has_tokens, row_max, -math.inf).to(F64),
             kernel.sum(1).to(F64),
         ],
         dim=1,
@@ -442,13 +443,14 @@ def token_weights(
     return torch.nan_to_num_(weights, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def raise_for_bad_input(status, problem: str | None = None, what: str = "the statistics scope") -> None:
+def raise_for_bad_input(status, problem: str | None = None, what: str = "the statistics scope", tokens=None) -> None:
     """Raise :class:`CovarianceInputError` on every rank if any rank's input was bad.
 
     Args:
         status: ``ScopeStatistics.status`` read to the host (``[ranks, 3]``, e.g. ``.tolist()``).
         problem: this rank's own problem, if any (it leads the message on that rank).
         what: names the scope in the message.
+        tokens: ``(advantages, mask)`` of this rank, to name its tokens with a non-finite advantage.
     """
     malformed = [rank for rank, row in enumerate(status) if row[MALFORMED] > 0]
     bad = {rank: int(row[BAD_ADVANTAGES]) for rank, row in enumerate(status) if row[BAD_ADVANTAGES] > 0}
@@ -460,8 +462,10 @@ def raise_for_bad_input(status, problem: str | None = None, what: str = "the sta
         )
     if bad:
         where = ", ".join(f"rank {rank}: {count}" for rank, count in bad.items())
+        here = locate_bad_advantages(*tokens) if tokens is not None else []
+        mine = f"; here at (row, position) {here}" if here else ""
         raise CovarianceInputError(
-            f"non-finite advantages at valid tokens of {what} ({where}); CW-GRPO weights are undefined. "
+            f"non-finite advantages at valid tokens of {what} ({where}{mine}); CW-GRPO weights are undefined. "
             "Check the advantage estimator and the rewards for inf/NaN."
         )
 
@@ -502,6 +506,6 @@ def covariance_weights(
     """
     problem = check_inputs(log_prob, advantages, mask)
     stats, tokens = scope_statistics(log_prob, advantages, mask, gather, row_keys, max_segments, problem)
-    raise_for_bad_input(stats.status.tolist(), stats.local_problem)
+    raise_for_bad_input(stats.status.tolist(), stats.local_problem, tokens=(advantages, mask))
     outside = 1.0 - mask.to(tokens.weights.dtype)
     return tokens.weights + outside, tokens.cov, stats

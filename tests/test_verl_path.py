@@ -328,3 +328,26 @@ def test_a_cw_marked_batch_with_a_non_cw_loss_stops_every_rank():
     assert all(error is not None and "loss_mode=vanilla" in error for error in errors)
     assert run_on_ranks(guarded_step, 2, "cw_grpo", "cw_grpo") == [None, None]
     assert guarded_step(0, 1, "vanilla", None) is None  # unmarked batches train with any loss
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_table1_thresholds_are_exact_order_statistics_on_either_path(on_device):
+    """numpy's nested selection (CPU) and the device sort (GPU) pick the same order statistics."""
+    import math
+
+    from cw_verl.verl_losses import TABLE1_PERCENTILES, order_statistics
+
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(seed)
+        rows, length = int(torch.randint(1, 6, (1,), generator=gen)), int(torch.randint(1, 300, (1,), generator=gen))
+        valid = (torch.rand(rows, length, generator=gen) < 0.6).float()
+        cov = torch.randn(rows, length, generator=gen) * torch.rand(rows, length, generator=gen).pow(3) * valid
+        n = int(valid.sum())
+        got = order_statistics(cov, valid, valid.sum(), on_device=on_device)
+        if n == 0:
+            assert got.tolist() == [0.0] * 8
+            continue
+        ascending = np.sort(cov[valid.bool()].numpy())
+        ks = [max(1, math.ceil(fraction * n)) for fraction, _ in TABLE1_PERCENTILES]
+        expected = [ascending[n - k] for k in ks] + [ascending[k - 1] for k in ks]
+        np.testing.assert_array_equal(got.numpy().astype(np.float32), np.asarray(expected, dtype=np.float32))

@@ -304,7 +304,9 @@ def test_non_finite_log_prob_is_left_out_with_weight_zero_and_counted(bad):
 def test_non_finite_advantage_at_a_valid_token_raises(bad):
     log_prob, advantages, mask = make_batch(7, 2, 5, mask_density=1.0)
     advantages[1, 2] = bad
-    with pytest.raises(CovarianceInputError, match=r"non-finite advantages at valid tokens .*rank 0: 1"):
+    with pytest.raises(
+        CovarianceInputError, match=r"non-finite advantages at valid tokens .*rank 0: 1; here at .*\(1, 2\)"
+    ):
         covariance_weights(log_prob, advantages, mask)
 
 
