@@ -14,8 +14,8 @@ compute theirs).
 cw_grpo's default (mini-batch) scope computes its statistics and metrics on the first loss call of an
 optimizer mini-batch and reuses them on the others, so it is timed twice: ``cw_grpo@first`` (the mini-batch
 is this one micro-batch: statistics, metrics and loss) and ``cw_grpo@later`` (cached statistics).
-Single process: the statistics make no collective here; a DP run adds two small all-gathers per
-mini-batch (see ``--collectives``).
+Single process: the statistics make no collective here; a DP run adds three small all-gathers per
+mini-batch, and a one-element all-gather per loss call for the collective input check (counted below).
 """
 
 from __future__ import annotations
@@ -106,14 +106,16 @@ def peak_extra_bytes(run) -> int:
 
 def count_collectives(num_sequences: int, length: int, micro_batches: int) -> list[tuple[str, int, int]]:
     """Gather rounds and bytes each rank sends per optimizer mini-batch, per scope, counted by running the
-    losses over ``micro_batches`` micro-batches with a counting gather."""
+    losses over ``micro_batches`` micro-batches as one rank of a (pretend) two-rank group."""
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
     from cw_verl import distributed, verl_losses
 
     inputs = make_inputs(num_sequences, length, torch.float32, seed=1)
     config = actor_config()
     config.global_batch_info.update(global_batch_size=num_sequences, dp_size=1)
     rows = []
-    original = verl_losses.group_gather
+    originals = verl_losses.group_gather, verl_losses.resolve_data_parallel_group
     for loss_mode in ("cw_grpo_microbatch", "cw_grpo_minibatch", "cw_grpo_group"):
         counts = {"rounds": 0, "bytes": 0}
 
@@ -126,9 +128,8 @@ def count_collectives(num_sequences: int, length: int, micro_batches: int) -> li
             return gather
 
         verl_losses.group_gather = counting
+        verl_losses.resolve_data_parallel_group = lambda dp_size: "a group"
         try:
-            from verl.trainer.ppo.core_algos import get_policy_loss_fn
-
             td = mini_batch(inputs)
             size = num_sequences // micro_batches
             with distributed.train_batch_call(td):
@@ -144,7 +145,7 @@ def count_collectives(num_sequences: int, length: int, micro_batches: int) -> li
                             config=config,
                         )
         finally:
-            verl_losses.group_gather = original
+            verl_losses.group_gather, verl_losses.resolve_data_parallel_group = originals
         rows.append((loss_mode, counts["rounds"], counts["bytes"]))
     return rows
 

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from cw_verl.cpu.launch import run_ranks
-from cw_verl.cpu.studies import save_shared_batch
+from cw_verl.demo.batch import save_shared_batch
 
 LOSSES = ["vanilla", "clip_cov", "cw_grpo", "cw_grpo_group", "cw_grpo_microbatch"]
 PROMPTS, GROUP_SIZE, MICRO_BATCH = 16, 8, 16

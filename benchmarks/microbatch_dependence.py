@@ -27,7 +27,8 @@ import tempfile
 import torch
 
 from cw_verl.cpu.launch import run_ranks
-from cw_verl.cpu.studies import Variant, save_shared_batch, updates_per_variant
+from cw_verl.cpu.studies import Variant, updates_per_variant
+from cw_verl.demo.batch import save_shared_batch
 
 PROMPTS, GROUP_SIZE = 8, 8
 LOSSES = ["vanilla", "cw_grpo_microbatch", "cw_grpo_minibatch", "cw_grpo_group"]

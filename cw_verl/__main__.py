@@ -66,19 +66,32 @@ def run_check() -> list[str]:
         getattr(BaseEngine.train_batch, "_cw_verl_engine_context", False),
         "BaseEngine.train_batch/infer_batch hand the engine's dp_group to the policy loss",
     )
+    main_ppo = importlib.import_module("verl.trainer.main_ppo")
     config_module = importlib.import_module("verl.utils.config")
     report(
-        getattr(config_module.validate_config, "_cw_verl_config_rules", False),
-        "validate_config makes loss_mode follow adv_estimator=cw_grpo",
+        getattr(main_ppo.run_ppo, "_cw_verl_config_rules", False)
+        and getattr(config_module.validate_config, "_cw_verl_config_rules", False),
+        "config rules (loss_mode follows adv_estimator=cw_grpo) run at every entry point before Ray starts",
+    )
+    ray_trainer = importlib.import_module("verl.trainer.ppo.ray_trainer")
+    report(
+        getattr(ray_trainer.compute_advantage, "_cw_verl_advantage_source", False)
+        and getattr(core_algos.get_policy_loss_fn, "_cw_verl_advantage_source", False),
+        "workers refuse to train cw_grpo advantages with a non-CW loss",
     )
     try:
         v1_utils = importlib.import_module("verl.trainer.ppo.v1.utils")
+        v1_trainer = importlib.import_module("verl.trainer.ppo.v1.trainer_base")
     except ImportError as error:
         report(False, f"verl's v1 trainer imports ({error})", f"verl's v1 trainer cannot be imported: {error}")
     else:
         report(
             getattr(v1_utils.compute_advantage_for_multi_trajectories, "_cw_verl_multi_trajectory", False),
             "v1 trainer's multi-trajectory advantages treat cw_grpo as GRPO",
+        )
+        report(
+            getattr(v1_trainer.PPOTrainer._compute_advantage, "_cw_verl_advantage_source", False),
+            "v1 trainer marks cw_grpo advantages for the workers' check",
         )
     print("OK: cw_verl is active in verl" if not problems else f"{len(problems)} problem(s): " + "; ".join(problems))
     return problems

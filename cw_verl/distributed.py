@@ -4,8 +4,11 @@ The statistics of a loss call are those of all tokens that the data-parallel gro
 Which group that is belongs to the training engine (verl's FSDP engine: WORLD, or the ``dp`` dimension
 of the Ulysses mesh; Megatron: ``mpu.get_data_parallel_group()``, which leaves tensor-, pipeline- and
 context-parallel replicas of the same tokens out). The engine hands its group, and the micro-batch,
-to each loss call; ``cw_verl/patches/engine_context.py`` records them here (:func:`loss_call`), and
-records each optimizer mini-batch (:func:`train_batch_call`) for the scopes wider than one call.
+to each loss call; :mod:`cw_verl.patches.engine_context` (``patches/engine_context.py``) records them here
+(:func:`loss_call`), and records each optimizer mini-batch (:func:`train_batch_call`) for the scopes wider
+than one call. These are the side channels verl forces: set by the patch around the engine's calls, read
+by the CW-GRPO losses (:mod:`cw_verl.verl_losses`) and by the worker's advantage-source guard
+(:mod:`cw_verl.patches.advantage_source`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ share (a semantic choice, not a knob to tune):
     all tokens of the optimizer mini-batch on all DP ranks. Computed once per mini-batch from the
     log-probs the batch already carries (``old_log_probs``: the policy that sampled it, recomputed by
     the actor, as in verl's ratio), so the update is the same for any micro-batch size, token packing
-    and DP size, with no extra forward pass and two small collectives per mini-batch.
+    and DP size, with no extra forward pass and three small collectives per mini-batch.
 ``cw_grpo_group``
     the paper's literal scope: each prompt's G responses (segments keyed by ``uid``), also from
     ``old_log_probs``, wherever the responses sit across ranks and micro-batches of the mini-batch.
@@ -20,29 +20,41 @@ share (a semantic choice, not a knob to tune):
 ``cw_grpo``
     :data:`DEFAULT_SCOPE`.
 
-Metrics (``actor/cw/...``) add no collective. ``sigma``, ``cov_mean``, ``num_tokens``, ``weight_min``
-and ``weight_max`` are exact for the whole scope (identical on every rank; with group scope, sigma is
-the token-weighted RMS over groups); ``weight_mean``, ``frac_below_half`` and the covariance
+Metrics (``actor/cw/...``) add no collective. ``sigma``, ``cov_mean``, ``num_tokens``, ``excluded_tokens``,
+``weight_min`` and ``weight_max`` are exact for the whole scope (identical on every rank; with the group
+scope, sigma is the token-weighted RMS over groups); ``weight_mean``, ``frac_below_half`` and the covariance
 percentiles are over this rank's tokens in scope. verl averages all of them over micro-batches and ranks.
+
+Bad input stops every rank of the data-parallel group together: the wide scopes check the mini-batch in
+their statistics rounds and each micro-batch with one one-element all-gather per loss call (multi-rank
+runs only); the per-call scope checks each call in its statistics rounds.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from cw_verl.distributed import current_loss_call, current_train_batch, group_gather, resolve_data_parallel_group
+from cw_verl.distributed import (
+    current_loss_call,
+    current_train_batch,
+    group_gather,
+    resolve_data_parallel_group,
+)
 from cw_verl.surrogate import Aggregation, ClipConfig, aggregate, clipped_surrogate
 from cw_verl.weights import (
-    CompactTokens,
     CovarianceInputError,
     ScopeStatistics,
+    WeighedTokens,
+    check_inputs,
+    raise_for_bad_input,
+    scope_statistics,
     token_weights,
-    weigh_tokens,
 )
 
 CW_GRPO = "cw_grpo"
@@ -55,46 +67,78 @@ LOSS_MODES = {
     f"{CW_GRPO}_{GROUP}": GROUP,
 }
 
-# Callables ``(old_log_prob, response_mask, weights)`` run on every CW-GRPO loss call with the [B, T] weights
-# it applied: for studies and debugging (cw_verl.cpu.studies); empty, and free, in training.
+# Callables ``(micro_batch, response_mask, weights)`` run on every CW-GRPO loss call with the call's
+# micro-batch (verl's TensorDict, whose non-tensor fields identify its rows, or None), its [B, T] response
+# mask and the [B, T] weights applied (0 outside the mask): for studies and debugging (cw_verl.cpu.studies);
+# empty, and free, in training.
 weight_observers: list = []
 
 # The paper's Table 1 percentiles, as fractions of the valid tokens.
 TABLE1_PERCENTILES = ((0.0001, "0.01pct"), (0.01, "1pct"), (0.2, "20pct"), (0.4, "40pct"))
+SCOPE_METRICS = ("num_tokens", "excluded_tokens", "sigma", "cov_mean", "weight_min", "weight_max")
+RANK_METRICS = ("weight_mean", "frac_below_half") + tuple(
+    f"cov_{side}_top_{name}" for side in ("pos", "neg") for _, name in TABLE1_PERCENTILES
+)
 
 
-def covariance_metrics(weights: torch.Tensor, cov: torch.Tensor, stats: ScopeStatistics) -> dict[str, float]:
-    """The ``actor/cw/*`` metrics from this rank's valid tokens' weights and ``c`` (1-D, compact).
+def order_statistics(cov: torch.Tensor, valid: torch.Tensor, count: torch.Tensor, on_device: bool | None = None):
+    """Table 1's thresholds over this rank's valid tokens: ``[8]`` = the value the top P reach (P in
+    :data:`TABLE1_PERCENTILES`), then the value the bottom P fall below.
 
-    ``cov_pos_top_P`` is the value that the top P of the token covariances reach or exceed,
-    ``cov_neg_top_P`` the value that the bottom P reach or fall below (Table 1's "percentile
-    thresholds"; its 100% row fits no single reading and is left out).
+    ``cov``/``valid``: ``[B, T]``; ``count``: the number of valid tokens (a 0-d tensor). On a GPU a device
+    sort (no host sync); on a CPU, where torch's sort is ten times slower than numpy's selection, nested
+    ``numpy.partition`` calls, each on the part the previous one left. ``on_device`` forces one (tests).
     """
-    metrics = {
-        "actor/cw/sigma": stats.sigma,
-        "actor/cw/cov_mean": stats.scope_cov_mean,
-        "actor/cw/num_tokens": float(stats.total_tokens),
-        "actor/cw/weight_min": stats.weight_min.min().item() if len(stats.keys) else 1.0,
-        "actor/cw/weight_max": stats.weight_max.max().item() if len(stats.keys) else 1.0,
-    }
-    n = cov.numel()
-    names = [name for _, name in TABLE1_PERCENTILES]
+    fractions = torch.tensor([fraction for fraction, _ in TABLE1_PERCENTILES], dtype=torch.float64)
+    # Invalid positions sort last; the valid values are the first `count` of the ascending order.
+    keyed = torch.addcmul(cov, 1.0 - valid, torch.tensor(1e18, dtype=cov.dtype, device=cov.device)).flatten()
+    if cov.device.type != "cpu" if on_device is None else on_device:
+        n = count.to(torch.float64)
+        k = torch.clamp(torch.ceil(fractions.to(cov.device) * n), min=1).long()
+        last = torch.clamp(n.long() - 1, min=0)
+        ordered = torch.sort(keyed).values
+        positions = torch.cat([torch.clamp(n.long() - k, min=0), torch.minimum(k - 1, last)])
+        return torch.where(n > 0, ordered[positions].to(torch.float64), 0.0)
+    n = int(count.item())
     if n == 0:
-        # Neutral values keep the key set identical on every rank, as verl's dp aggregation requires.
-        metrics.update({"actor/cw/weight_mean": 1.0, "actor/cw/frac_below_half": 0.0})
-        metrics.update({f"actor/cw/cov_{side}_top_{name}": 0.0 for side in ("pos", "neg") for name in names})
-        return metrics
+        return torch.zeros(2 * len(fractions), dtype=torch.float64)
+    values = keyed.detach().to(torch.float32).numpy()  # a fresh array: partitioned in place
+    if n < len(values):
+        values.partition(n - 1)  # the n valid values first
+        values = values[:n]
     ks = [max(1, math.ceil(fraction * n)) for fraction, _ in TABLE1_PERCENTILES]
-    # Order statistics in float32 with numpy's vectorised sort (an order of magnitude faster than torch's
-    # on CPU); one device-to-host copy of this rank's c.
-    ascending = np.sort(cov.detach().to("cpu", torch.float32).numpy())
-    for k, name in zip(ks, names, strict=True):
-        metrics[f"actor/cw/cov_pos_top_{name}"] = float(ascending[n - k])
-        metrics[f"actor/cw/cov_neg_top_{name}"] = float(ascending[k - 1])
-    mean, below_half = torch.stack([weights.mean(), (weights < 0.5).to(torch.float64).mean()]).tolist()
-    metrics["actor/cw/weight_mean"] = mean
-    metrics["actor/cw/frac_below_half"] = below_half
-    return metrics
+    # Nested selections: each one inside the part the previous one left, the widest first.
+    bottom = sorted({k - 1 for k in ks}, reverse=True)
+    values.partition(bottom[0])
+    for wider, position in zip(bottom, bottom[1:], strict=False):
+        values[:wider].partition(position)
+    start = bottom[0] + 1
+    for position in sorted({n - k for k in ks}):
+        if position >= start:
+            values[start:].partition(position - start)
+            start = position + 1
+    out = [values[n - k] for k in ks] + [values[k - 1] for k in ks]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _scope_metrics(stats: ScopeStatistics, tokens: WeighedTokens | None) -> torch.Tensor:
+    """The ``actor/cw/*`` values on the device, in :data:`SCOPE_METRICS` + :data:`RANK_METRICS` order."""
+    summary = stats.summary()
+    if tokens is None:
+        return torch.cat([summary, torch.zeros(len(RANK_METRICS), dtype=torch.float64, device=summary.device)])
+    count = tokens.valid.sum()
+    safe = count.clamp(min=1.0)
+    # Positions outside the statistics weigh exactly 0, so they are all "below one half".
+    below_half = (tokens.weights < 0.5).sum() - (tokens.valid.numel() - count)
+    rank = torch.stack([tokens.weights.sum() / safe, below_half / safe]).to(torch.float64)
+    rank = torch.where(count > 0, rank, torch.tensor([1.0, 0.0], dtype=torch.float64, device=rank.device))
+    percentiles = order_statistics(tokens.cov, tokens.valid, count).to(summary.device)
+    return torch.cat([summary, rank, percentiles])
+
+
+def _metrics_dict(values: list[float]) -> dict[str, float]:
+    names = SCOPE_METRICS + RANK_METRICS
+    return {f"actor/cw/{name}": value for name, value in zip(names, values, strict=True)}
 
 
 def uid_keys(uids) -> torch.Tensor:
@@ -108,16 +152,19 @@ def uid_keys(uids) -> torch.Tensor:
     )
 
 
-def _row_uids(batch) -> list:
+def _row_uids(batch) -> list | None:
+    if batch is None or "uid" not in batch.keys():
+        return None
     from verl.utils import tensordict_utils as tu
 
-    if batch is None or "uid" not in batch.keys():
-        raise RuntimeError(
-            "cw_grpo_group needs each sequence's prompt 'uid' in the actor's batch (verl's trainers put it "
-            "there); none was found."
-        )
     uids = tu.get(batch, "uid")
     return list(uids.tolist() if isinstance(uids, np.ndarray) else uids)
+
+
+NO_UID = (
+    "cw_grpo_group needs each sequence's prompt 'uid' in the actor's batch (verl's trainers put it there); "
+    "none was found."
+)
 
 
 def _padded(batch, *fields):
@@ -127,37 +174,66 @@ def _padded(batch, *fields):
     return [selected[f] for f in fields]
 
 
-def mini_batch_statistics(scope: str, group, config) -> tuple[ScopeStatistics, dict[str, float]]:
-    """Statistics of this optimizer mini-batch in ``scope``, computed on its first loss call and cached."""
+@dataclass(frozen=True)
+class MiniBatchStatistics:
+    """A wide scope's statistics for one optimizer mini-batch, with its metrics read to the host once."""
+
+    stats: ScopeStatistics
+    metrics: dict[str, float]
+
+
+def _group_rows_problem(stats: ScopeStatistics, rollout_n: int) -> torch.Tensor:
+    """1.0 (on the device) when some prompt group of the mini-batch does not have ``rollout_n`` responses."""
+    present = stats.rows > 0
+    return (present & (stats.rows != rollout_n)).any().to(torch.float64)[None]
+
+
+def mini_batch_statistics(scope: str, group, config, device) -> MiniBatchStatistics:
+    """Statistics of this optimizer mini-batch in ``scope``, computed on its first loss call and cached.
+
+    The mini-batch's ``old_log_probs``, ``advantages`` and ``response_mask`` are moved to ``device`` (where
+    the micro-batches run); the statistics, weights and metrics stay there until one read to the host,
+    which also carries every rank's input check.
+    """
     call = current_train_batch()
     if call is None:
         raise RuntimeError(
             f"cw_grpo_{scope} computes its statistics once per optimizer mini-batch from the batch verl's engine "
             "trains on (BaseEngine.train_batch); call it through a verl engine, or use cw_grpo_microbatch."
         )
-    if scope not in call.cache:
-        old_log_prob, advantages, mask = _padded(call.mini_batch, "old_log_probs", "advantages", "response_mask")
-        tokens, problem = CompactTokens.checked(old_log_prob, advantages, mask)
-        row_keys, max_segments = None, 1
-        if scope == GROUP:
-            row_keys = uid_keys(_row_uids(call.mini_batch))
-            global_rows = int(config.global_batch_info.get("global_batch_size") or len(row_keys))
-            max_segments = max(1, global_rows // max(1, int(config.rollout_n)))
-        weights, c, stats = weigh_tokens(tokens, group_gather(group), row_keys, max_segments, problem)
-        if scope == GROUP and not bool((stats.rows == config.rollout_n).all()):
-            raise CovarianceInputError(
-                f"cw_grpo_group: prompt groups in this mini-batch have {sorted(set(stats.rows.long().tolist()))} "
-                f"responses, not rollout.n={config.rollout_n}; the group scope needs each prompt's responses in one "
-                "mini-batch (ppo_mini_batch_size in whole prompts, no multi-trajectory outputs)."
-            )
-        call.cache[scope] = (stats, covariance_metrics(weights, c, stats))
-    return call.cache[scope]
-
-
-def _zero_loss(log_prob, mask):
-    # A zero that still reaches every parameter (all ranks run the same backward), instead of verl's
-    # 0/0 when it normalises by a local token count of zero.
-    return torch.where(mask.bool(), log_prob, 0.0).sum() * 0.0
+    if scope in call.cache:
+        return call.cache[scope]
+    fields = _padded(call.mini_batch, "old_log_probs", "advantages", "response_mask")
+    old_log_prob, advantages, mask = (t.to(device, non_blocking=True) for t in fields)
+    problem = check_inputs(old_log_prob, advantages, mask)
+    row_keys, max_segments = None, 1
+    if scope == GROUP:
+        uids = _row_uids(call.mini_batch)
+        if uids is None:
+            problem = problem or NO_UID
+        else:
+            row_keys = uid_keys(uids)
+        global_rows = int(config.global_batch_info.get("global_batch_size") or len(mask))
+        max_segments = max(1, global_rows // max(1, int(config.rollout_n)))
+    stats, tokens = scope_statistics(
+        old_log_prob, advantages, mask, group_gather(group), row_keys, max_segments, problem
+    )
+    checks = _group_rows_problem(stats, int(config.rollout_n)) if scope == GROUP else torch.zeros(1, device=device)
+    values = torch.cat([checks.to(torch.float64), _scope_metrics(stats, tokens), stats.status.flatten()]).tolist()
+    status = np.asarray(values[1 + len(SCOPE_METRICS) + len(RANK_METRICS) :]).reshape(-1, 3)
+    if problem is None and tokens is None:
+        problem = stats.local_problem
+    raise_for_bad_input(status, problem, f"the cw_grpo_{scope} statistics of this mini-batch", (advantages, mask))
+    if values[0] > 0:
+        rows = sorted({int(r) for r in stats.rows[stats.rows > 0].tolist()})
+        raise CovarianceInputError(
+            f"cw_grpo_group: prompt groups in this mini-batch have {rows} responses, not rollout.n={config.rollout_n}; "
+            "the group scope needs each prompt's responses in one mini-batch (ppo_mini_batch_size in whole "
+            "prompts, one mini-batch per update, no multi-trajectory outputs)."
+        )
+    result = MiniBatchStatistics(stats, _metrics_dict(values[1 : 1 + len(SCOPE_METRICS) + len(RANK_METRICS)]))
+    call.cache[scope] = result
+    return result
 
 
 def _clip_config(config) -> ClipConfig:
@@ -167,10 +243,36 @@ def _clip_config(config) -> ClipConfig:
     return ClipConfig(low=low, high=high, dual=config.get("clip_ratio_c", 3.0))
 
 
-def _aggregation(loss_agg_mode, mask, batch_info) -> Aggregation:
+def _aggregation(loss_agg_mode, batch_info) -> Aggregation:
     fields = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
     known = {key: batch_info[key] for key in fields if batch_info.get(key) is not None}
-    return Aggregation(loss_agg_mode, num_rows=mask.shape[0], row_length=mask.shape[-1], **known)
+    return Aggregation(loss_agg_mode, **known)
+
+
+def _call_problem(scope_log_prob, old_log_prob, log_prob, advantages, response_mask) -> str | None:
+    problem = check_inputs(scope_log_prob, advantages, response_mask)
+    if problem is None and old_log_prob.shape != log_prob.shape:
+        problem = f"old_log_prob has shape {tuple(old_log_prob.shape)}, log_prob {tuple(log_prob.shape)}"
+    return problem
+
+
+def _raise_together(flags: list[float], problem: str | None, own_flag: str, group) -> None:
+    """Every rank raises when any rank flagged its loss call (``flags``: one 0/1 per rank, in group order)."""
+    if problem is not None:
+        raise CovarianceInputError(problem)
+    bad = [rank for rank, flag in enumerate(flags) if flag > 0]
+    if not bad:
+        return
+    rank = torch.distributed.get_rank(group) if group is not None else 0
+    if rank in bad:
+        raise CovarianceInputError(own_flag)
+    raise CovarianceInputError(
+        f"rank(s) {bad} of the data-parallel group got an unusable micro-batch in this loss call (see the error "
+        "on those ranks); every rank stops."
+    )
+
+
+UNCOVERED = "cw_grpo_group: this micro-batch holds prompt groups that its optimizer mini-batch does not"
 
 
 def cw_grpo_policy_loss(
@@ -187,6 +289,26 @@ def cw_grpo_policy_loss(
 
     The clipped loss and its aggregation are verl's (``compute_policy_loss_vanilla`` + ``agg_loss``),
     computed on the valid tokens only (:mod:`cw_verl.surrogate`).
+
+    Args:
+        scope: :data:`MICROBATCH`, :data:`MINIBATCH` or :data:`GROUP`.
+        old_log_prob: ``[B, T]`` log-probs of the sampled tokens under the policy that sampled them
+            (as recomputed by verl's actor, or the rollout's in bypass mode).
+        log_prob: ``[B, T]`` log-probs under the policy being trained (carries the gradient).
+        advantages: ``[B, T]`` advantages from the estimator.
+        response_mask: ``[B, T]`` valid-token mask.
+        loss_agg_mode: verl's aggregation mode.
+        config: the actor's ``ActorConfig`` (clip ratios, ``rollout_n``, ``global_batch_info`` for the
+            mini-batch over all data-parallel ranks).
+        rollout_is_weights: ``[B, T]`` rollout-correction importance weights, or ``None``.
+
+    Returns:
+        ``(loss, metrics)``: the scalar loss for this micro-batch, and the ``actor/pg_*``, ``actor/ppo_kl``
+        and ``actor/cw/*`` metrics as floats.
+
+    Raises:
+        CovarianceInputError: on every rank of the data-parallel group together, when any rank's input is
+            unusable.
     """
     if config is None:
         raise ValueError("cw_grpo needs the actor config (clip ratios, global_batch_info)")
@@ -194,38 +316,70 @@ def cw_grpo_policy_loss(
     group = resolve_data_parallel_group(batch_info.get("dp_size"))
     # The per-call scope weighs with the current log-probs, the wider scopes with the batch's old ones.
     scope_log_prob = log_prob if scope == MICROBATCH else old_log_prob
-    tokens, problem = CompactTokens.checked(scope_log_prob, advantages, response_mask)
-    if problem is None and old_log_prob.shape != log_prob.shape:
-        problem = f"old_log_prob has shape {tuple(old_log_prob.shape)}, log_prob {tuple(log_prob.shape)}"
+    problem = _call_problem(scope_log_prob, old_log_prob, log_prob, advantages, response_mask)
+    device = log_prob.device if isinstance(log_prob, torch.Tensor) else torch.device("cpu")
+    metric_count = len(SCOPE_METRICS) + len(RANK_METRICS)
+    slots = None
     if scope == MICROBATCH:
-        weights, cov, stats = weigh_tokens(tokens, group_gather(group), problem=problem)
-        metrics = dict(covariance_metrics(weights, cov, stats))
+        # This call's statistics: every rank's input check rides in their rounds.
+        stats, tokens = scope_statistics(
+            scope_log_prob, advantages, response_mask, group_gather(group), problem=problem
+        )
+        checks = torch.cat([_scope_metrics(stats, tokens), stats.status.flatten()])
+        if tokens is None:
+            raise_for_bad_input(np.asarray(checks.tolist()[metric_count:]).reshape(-1, 3), stats.local_problem)
     else:
-        stats, metrics = mini_batch_statistics(scope, group, config)
-        metrics = dict(metrics)
+        scoped = mini_batch_statistics(scope, group, config, device)
+        stats, metrics = scoped.stats, dict(scoped.metrics)
+        flag = torch.zeros(1, dtype=torch.float64, device=device)
+        if problem is None and scope == GROUP:
+            call = current_loss_call()
+            uids = _row_uids(call.micro_batch if call else None)
+            if uids is None:
+                problem = NO_UID
+            else:
+                keys = uid_keys(uids).to(device, non_blocking=True)
+                slots = stats.slots_of(keys).clamp(max=len(stats.keys) - 1)  # [B]: each row's segment
+                flag = (stats.keys[slots] != keys).any().to(torch.float64)[None]
         if problem is not None:
-            raise CovarianceInputError(problem)
-        call = current_loss_call()
-        row_keys = uid_keys(_row_uids(call.micro_batch if call else None)) if scope == GROUP else None
-        weights, _ = token_weights(tokens, stats, row_keys)
-    if stats.total_tokens == 0:
-        metrics.update({"actor/pg_clipfrac": 0.0, "actor/ppo_kl": 0.0, "actor/pg_clipfrac_lower": 0.0})
-        return _zero_loss(log_prob, response_mask), metrics
+            flag = torch.ones(1, dtype=torch.float64, device=device)
+        # One one-element all-gather per call, so that a bad micro-batch on one rank stops every rank here.
+        checks = group_gather(group)(flag).flatten() if group is not None else flag
+        if problem is not None:
+            _raise_together(checks.tolist(), problem, UNCOVERED, group)
 
-    for observer in weight_observers:
-        observer(old_log_prob, response_mask, tokens.scatter(weights, 1.0))
-    index = tokens.index
-    is_weights = None if rollout_is_weights is None else rollout_is_weights.flatten()[index]
+    dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    mask = response_mask.to(dtype)
+    if scope == MICROBATCH:
+        weights = tokens.weights
+        # The tokens left out of the statistics (non-finite log-prob) weigh 0; keep their PPO term finite.
+        log_prob = torch.nan_to_num(log_prob, nan=0.0, posinf=0.0, neginf=0.0)
+    else:
+        weights = token_weights(stats, old_log_prob, advantages, slots) * mask
+    if weight_observers:
+        call = current_loss_call()
+        for observer in weight_observers:
+            observer(call.micro_batch if call else None, response_mask, weights.detach())
+    # Outside the mask values may be garbage: sanitised, and weighed 0.
+    weighted = weights * torch.nan_to_num(advantages.detach(), nan=0.0, posinf=0.0, neginf=0.0).to(weights.dtype)
     token_losses, pg_stats = clipped_surrogate(
-        log_prob.flatten()[index],
-        old_log_prob.flatten()[index],
-        (weights * tokens.adv).to(advantages.dtype),
+        log_prob,
+        torch.nan_to_num(old_log_prob, nan=0.0, posinf=0.0, neginf=0.0),
+        weighted.to(advantages.dtype),
+        mask,
         _clip_config(config),
-        is_weights,
+        rollout_is_weights,
     )
-    loss = aggregate(token_losses, tokens.row, _aggregation(loss_agg_mode, response_mask, batch_info))
-    clipfrac, ppo_kl, clipfrac_lower = pg_stats.tolist()
-    metrics.update({"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl, "actor/pg_clipfrac_lower": clipfrac_lower})
+    loss = aggregate(token_losses, mask, _aggregation(loss_agg_mode, batch_info))
+    # One read to the host per call (verl's own losses read their metrics too), carrying the checks.
+    host = torch.cat([pg_stats.to(device), checks.to(device, torch.float64)]).tolist()
+    pg, rest = host[:3], host[3:]
+    if scope == MICROBATCH:
+        raise_for_bad_input(np.asarray(rest[metric_count:]).reshape(-1, 3), None, tokens=(advantages, response_mask))
+        metrics = _metrics_dict(rest[:metric_count])
+    else:
+        _raise_together(rest, None, UNCOVERED, group)
+    metrics.update({"actor/pg_clipfrac": pg[0], "actor/ppo_kl": pg[1], "actor/pg_clipfrac_lower": pg[2]})
     return loss, metrics
 
 
@@ -244,11 +398,37 @@ def _scoped_policy_loss(loss_mode: str, scope: str):
         )
 
     policy_loss.__name__ = policy_loss.__qualname__ = f"compute_policy_loss_{loss_mode}"
-    policy_loss.__doc__ = f"verl policy loss ``{loss_mode}``: CW-GRPO with the {scope} statistics scope."
+    policy_loss.__doc__ = f"""verl policy loss ``{loss_mode}``: CW-GRPO with the {scope} statistics scope.
+
+    Args:
+        old_log_prob: ``[B, T]`` log-probs under the policy that sampled the batch.
+        log_prob: ``[B, T]`` log-probs under the policy being trained.
+        advantages: ``[B, T]`` advantages.
+        response_mask: ``[B, T]`` valid-token mask.
+        loss_agg_mode: verl's aggregation mode.
+        config: the actor's ``ActorConfig``.
+        rollout_is_weights: ``[B, T]`` importance weights, or ``None``.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`cw_verl.verl_losses.cw_grpo_policy_loss`.
+    """
     return policy_loss
 
 
 POLICY_LOSSES = {name: _scoped_policy_loss(name, scope) for name, scope in LOSS_MODES.items()}
+"""Every CW policy loss cw_verl registers with verl (``loss_mode`` -> function). A module adding a CW loss
+mode puts it here (:func:`cw_policy_loss`) before verl imports ``core_algos``; the config rules and the
+worker's guard treat every name here as a CW loss."""
+
+
+def cw_policy_loss(name: str):
+    """Decorator: register ``fn`` as the CW policy loss ``name`` (see :data:`POLICY_LOSSES`)."""
+
+    def register(fn):
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return register
 
 
 def compute_cw_grpo_outcome_advantage(
@@ -263,6 +443,15 @@ def compute_cw_grpo_outcome_advantage(
     CW-GRPO reweights in the loss; the estimator only exists so that ``algorithm.adv_estimator=cw_grpo``
     selects the whole method (cw_verl makes the actor's ``loss_mode`` follow it). Honours
     ``algorithm.norm_adv_by_std_in_grpo`` like ``grpo``.
+
+    Args:
+        token_level_rewards: ``[B, T]`` rewards (the outcome reward at the last valid token).
+        response_mask: ``[B, T]`` valid-token mask.
+        index: ``[B]`` prompt uid of each row (responses to one prompt form a group).
+        config: verl's ``algorithm`` config.
+
+    Returns:
+        ``(advantages, returns)``, both ``[B, T]``, as verl's ``compute_grpo_outcome_advantage``.
     """
     from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 

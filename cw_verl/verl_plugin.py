@@ -16,20 +16,25 @@ INSTALLED_HOOKS: list[str] = []
 
 
 def _register_with_core_algos(core_algos) -> None:
+    from cw_verl.patches import advantage_source
     from cw_verl.verl_losses import CW_GRPO, POLICY_LOSSES, compute_cw_grpo_outcome_advantage
 
     for name, policy_loss in POLICY_LOSSES.items():
         core_algos.register_policy_loss(name)(policy_loss)
     core_algos.register_adv_est(CW_GRPO)(compute_cw_grpo_outcome_advantage)
+    advantage_source.patch_policy_loss_lookup(core_algos)
 
 
 def _hooks():
-    from cw_verl.patches import engine_context, v1_multi_trajectory, validate_config
+    from cw_verl.patches import advantage_source, engine_context, entry_points, v1_multi_trajectory
 
     return {
         "verl.trainer.ppo.core_algos": _register_with_core_algos,
         "verl.workers.engine.base": engine_context.patch,
-        "verl.utils.config": validate_config.patch,
+        "verl.utils.config": entry_points.patch_validate_config,
+        "verl.trainer.main_ppo": entry_points.patch_run_ppo,
+        "verl.trainer.ppo.ray_trainer": advantage_source.patch_compute_advantage,
+        "verl.trainer.ppo.v1.trainer_base": advantage_source.patch_v1_compute_advantage,
         "verl.trainer.ppo.v1.utils": v1_multi_trajectory.patch,
     }
 

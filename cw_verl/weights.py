@@ -7,38 +7,53 @@ For the valid tokens of a statistics *segment* (N of them, possibly spread over 
     w~_t = w_t * N / sum(w)                                # mean 1 over the segment's N valid tokens
 
 A segment is the set of tokens whose statistics are shared: everything in scope (one segment), or one
-prompt's group of responses (the paper's literal G responses, one segment per group). Rows (sequences)
-carry an integer segment key; rows with equal keys on any rank form one segment.
+prompt's group of responses (the paper's G responses, one segment per group). Rows (sequences) carry an
+int64 segment key; rows with equal keys on any rank form one segment.
 
-This module knows nothing of verl or of process groups. Every rank computes a small table of local
-statistics; a ``gather`` callable (see :mod:`cw_verl.distributed`) stacks those tables over the
-reduction group, and every rank merges the stack identically. Two such rounds give the exact global
-result: the moments (means, covariance, sigma), then the normaliser ``sum(w)``, which depends
-non-linearly on the moments and so cannot share the first round.
+This module knows nothing of verl or of process groups. Each rank reduces its ``[B, T]`` tokens to a
+small table per round; a ``gather`` callable (see :mod:`cw_verl.distributed`) stacks the tables over the
+reduction group and every rank merges the stack identically, on the inputs' device and without reading
+anything back to the host. Each round needs the result of the one before, so three is the minimum:
 
-Numerics: statistics are accumulated in float64 whatever the input dtype (bf16 log-probs are normal).
-Each rank centres its data on its own means and ships central co-moments; the merge shifts them to
-the global means exactly (the parallel-moments identities of Chan et al. / Pebay), which stays
-accurate where raw power sums would cancel. Means are computed so that a segment whose values are all
-equal yields centred values that are exactly zero (then sigma is exactly 0 and the weights are 1),
-instead of rounding noise that the kernel would blow up into arbitrary weights. The normaliser is a
-log-sum-exp across ranks, so weights cannot underflow to 0/0 even when every ``c^2 / 2 sigma^2`` is large.
+1. token counts and sums of log-probs and advantages -> the means (and a first estimate of mean(c));
+2. with the global means, every token's ``c``; sums of ``c - estimate`` and its square -> sigma. The
+   estimate is within rounding of mean(c), so sigma comes from centred values and never from the
+   difference of raw moments E[c^2] - E[c]^2, which cancels when sigma << |mean(c)|;
+3. with sigma, the log-sum-exp of ``-c^2 / 2 sigma^2`` -> the normaliser (no 0/0 when every kernel value
+   underflows).
+
+Numerics. Per-token values are computed in the inputs' precision, at least float32 (float64 inputs stay
+float64); every cross-row and cross-rank sum is float64. Each token's ``c`` is a pointwise function of the
+global means, so it is the same number whichever rank or micro-batch holds the token. A sigma below the
+rounding error of the computed ``c`` themselves (:data:`FLOOR_ULPS` units of the compute precision, scaled
+by the terms that round) is not a spread of ``c`` but noise, and counts as 0: then, as whenever the exact
+``c`` of a segment are all equal (e.g. any 2-token segment, or equal advantages), the weights are exactly 1.
+
+Bad input. A valid token whose log-prob is not finite takes no part: it is left out of the statistics,
+weighs 0, and is counted (``num_excluded``). A non-finite advantage at a valid token, or malformed tensors
+on any rank, is an error raised on every rank together (:func:`raise_for_bad_input`), after the rounds
+that every rank always joins, so that no rank is left waiting.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 """Maps this rank's tensor to a stack ``[group_size, *shape]`` of every rank's tensor of the same shape,
-in the same rank order on every rank. For a single process it is ``lambda t: t[None]``."""
+in the same rank order on every rank. For a single process it is :func:`local_gather`."""
 
 F64 = torch.float64
+FLOOR_ULPS = 64.0
+"""sigma at or below ``FLOOR_ULPS * eps * rms(|mean(logp)| |A - mean(A)| + |mean(A)| |logp - mean(logp)| + 3 |c|)``
+(``eps`` of the compute precision) is rounding noise of the computed ``c`` (each is exact to about ``eps``
+times that sum) and counts as 0."""
+_NO_KEY = torch.iinfo(torch.int64).max  # sorts after every key: the slots of the stack that hold no segment
+_BIG = 1e18  # added to |c| at invalid positions so that they never win a min (its square fits float32)
 
 
 def local_gather(table: torch.Tensor) -> torch.Tensor:
@@ -50,98 +65,13 @@ class CovarianceInputError(ValueError):
     """Invalid input to the CW-GRPO weights: raised on every rank of the group at the same time."""
 
 
-@dataclass(frozen=True)
-class Moments:
-    """Global per-segment moments after round 1 (CPU float64 tensors ``[S]``)."""
-
-    keys: torch.Tensor
-    rows: torch.Tensor
-    num_tokens: torch.Tensor
-    logp_mean: torch.Tensor
-    adv_mean: torch.Tensor
-    cov_mean: torch.Tensor
-    variance: torch.Tensor
-    num_bad: int
-    num_malformed: int
-
-
-@dataclass(frozen=True)
-class ScopeStatistics(Moments):
-    """Global statistics of every segment in scope, identical on every rank (float64 tensors ``[S]``).
-
-    ``keys`` are sorted. ``cov_mean`` is ``mean(c)`` (the population covariance of log-prob and
-    advantage) and ``variance`` the population variance of ``c``; ``log_normaliser`` and ``q_shift``
-    give ``w~ = exp(q_shift - c^2 / 2 variance + log_normaliser)``. ``rows`` counts sequences.
-    """
-
-    q_shift: torch.Tensor
-    log_normaliser: torch.Tensor
-    weight_min: torch.Tensor
-    weight_max: torch.Tensor
-    collective_rounds: int
-
-    @property
-    def total_tokens(self) -> int:
-        return int(self.num_tokens.sum().item())
-
-    @property
-    def sigma(self) -> float:
-        """sigma of the scope; with several segments, their token-weighted RMS."""
-        total = self.num_tokens.sum()
-        return math.sqrt((self.variance * self.num_tokens).sum().item() / total.item()) if total > 0 else 0.0
-
-    @property
-    def scope_cov_mean(self) -> float:
-        """Token-weighted mean of ``c`` over every segment."""
-        total = self.num_tokens.sum()
-        return (self.cov_mean * self.num_tokens).sum().item() / total.item() if total > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class CompactTokens:
-    """The valid tokens of a ``[B, T]`` batch, flattened: positions, rows, log-probs and advantages (float64)."""
-
-    shape: torch.Size
-    index: torch.Tensor
-    row: torch.Tensor
-    logp: torch.Tensor
-    adv: torch.Tensor
-
-    @classmethod
-    def from_padded(cls, log_prob, advantages, mask) -> CompactTokens:
-        index = mask.bool().flatten().nonzero().squeeze(1)
-        length = mask.shape[-1] if mask.dim() > 1 else 1
-        return cls(
-            shape=mask.shape,
-            index=index,
-            row=torch.div(index, max(length, 1), rounding_mode="floor"),
-            logp=log_prob.detach().flatten()[index].to(F64),
-            adv=advantages.detach().flatten()[index].to(F64),
-        )
-
-    @classmethod
-    def checked(cls, log_prob, advantages, mask) -> tuple[CompactTokens, str | None]:
-        """The valid tokens and ``None``, or no tokens and why the inputs are unusable (the caller still
-        joins the collectives with them, so that every rank raises together)."""
-        problem = check_inputs(log_prob, advantages, mask)
-        if problem is not None:
-            return cls.empty(getattr(log_prob, "device", None)), problem
-        return cls.from_padded(log_prob, advantages, mask), None
-
-    @classmethod
-    def empty(cls, device=None) -> CompactTokens:
-        """No tokens: what a rank with unusable input contributes while it still joins the collectives."""
-        nothing = torch.zeros(0, dtype=F64, device=device)
-        return cls(torch.Size([0, 0]), nothing.long(), nothing.long(), nothing, nothing)
-
-    def scatter(self, values: torch.Tensor, fill: float) -> torch.Tensor:
-        """A ``[B, T]`` tensor holding ``values`` at the valid positions and ``fill`` elsewhere."""
-        out = torch.full((self.shape.numel(),), fill, dtype=values.dtype, device=values.device)
-        return out.index_put_((self.index,), values).view(self.shape)
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the per-token arithmetic: the input's, at least float32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def check_inputs(log_prob, advantages, mask) -> str | None:
-    """Why these inputs cannot be used (``None`` if they can)."""
+    """Why these inputs cannot be used (``None`` if they can); a check of shapes and types only."""
     if not all(isinstance(t, torch.Tensor) for t in (log_prob, advantages, mask)):
         return "log_prob, advantages and response_mask must be torch tensors"
     if not (log_prob.shape == advantages.shape == mask.shape) or log_prob.dim() != 2:
@@ -154,253 +84,396 @@ def check_inputs(log_prob, advantages, mask) -> str | None:
     return None
 
 
-# Columns of the round-1 table, one row per local segment. S_pq = sum x^p y^q with x = logp - local
-# mean(logp), y = A - local mean(A); S_10 and S_01 (zero up to rounding) keep the merge exact. KEY holds
-# the int64 segment key's bits; BAD counts non-finite valid tokens, MALFORMED ranks with unusable input.
-KEY, ROWS, N, BAD, MALFORMED, MEAN_L, MEAN_A, S10, S01, S20, S11, S02, S21, S12, S22 = range(15)
-ROUND1_COLUMNS = 15
+@dataclass(frozen=True)
+class ScopeStatistics:
+    """The statistics of every segment of a scope, identical on every rank (except ``local_problem``).
+
+    Per-segment fields are ``[G]`` tensors on the inputs' device (float64 unless noted), one slot per
+    row of the gathered stack (``G = ranks * max_segments``), sorted by key; slots with ``rows == 0``
+    hold no segment. ``variance`` is that of ``c`` (0 below the rounding floor), ``cov_mean`` is mean(c)
+    (the population covariance of log-prob and advantage). A token of the segment weighs
+    ``w~ = exp(log_norm - (|c| - abs_c_min) (|c| + abs_c_min) inv_two_var)``: the exponent is
+    ``-(c^2 - c_min^2) / 2 sigma^2`` written so that it keeps its precision when sigma << |c|.
+    ``status`` is ``[ranks, 3]``: per rank, unusable input (1/0), non-finite advantages at valid tokens
+    (count), and the rank's compute precision eps. ``local_problem`` is why this rank's input was unusable.
+    """
+
+    keys: torch.Tensor  # int64
+    rows: torch.Tensor
+    num_tokens: torch.Tensor
+    num_excluded: torch.Tensor
+    logp_mean: torch.Tensor
+    adv_mean: torch.Tensor
+    cov_mean: torch.Tensor
+    variance: torch.Tensor
+    inv_two_var: torch.Tensor
+    abs_c_min: torch.Tensor
+    log_norm: torch.Tensor
+    weight_min: torch.Tensor
+    weight_max: torch.Tensor
+    status: torch.Tensor
+    local_problem: str | None = None
+
+    def slots_of(self, row_keys: torch.Tensor | None) -> torch.Tensor | None:
+        """The slot of each row's segment (``None``: a scope of one segment, whose slot is 0)."""
+        if row_keys is None:
+            return None
+        return torch.searchsorted(self.keys, row_keys.to(self.keys.device, non_blocking=True))
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens in the statistics (a read to the host)."""
+        return int(self.num_tokens.sum().item())
+
+    @property
+    def sigma(self) -> float:
+        """sigma of the scope; with several segments, their token-weighted RMS (a read to the host)."""
+        return self.summary()[2].item()
+
+    def summary(self) -> torch.Tensor:
+        """``[6]`` float64 on the device: total tokens, excluded tokens, sigma (token-weighted RMS over
+        segments), mean(c) (token-weighted), the smallest and the largest weight of the scope."""
+        tokens = self.num_tokens.sum()
+        safe = tokens.clamp(min=1.0)
+        present = self.num_tokens > 0
+        return torch.stack(
+            [
+                tokens,
+                self.num_excluded.sum(),
+                torch.sqrt((self.variance * self.num_tokens).sum() / safe),
+                (self.cov_mean * self.num_tokens).sum() / safe,
+                torch.where(present, self.weight_min, math.inf).amin().clamp(max=1.0),
+                torch.where(present, self.weight_max, 0.0).amax().clamp(min=1.0),
+            ]
+        )
 
 
-def _per_token(per_segment: torch.Tensor, segment: torch.Tensor | None) -> torch.Tensor:
-    """Each token's value of its segment (a broadcastable [1] tensor when there is one segment, whose
-    tokens need no ``segment`` index at all)."""
-    return per_segment if segment is None or per_segment.numel() == 1 else per_segment[segment]
+@dataclass(frozen=True)
+class WeighedTokens:
+    """This rank's ``[B, T]`` tokens after :func:`scope_statistics` (compute precision, on the device).
+
+    ``valid`` is 1 at the tokens in the statistics (masked and with a finite log-prob), ``weights`` holds
+    their ``w~`` and ``cov`` their ``c`` (both 0 elsewhere), ``slots`` each row's segment slot.
+    """
+
+    weights: torch.Tensor
+    cov: torch.Tensor
+    valid: torch.Tensor
+    slots: torch.Tensor
 
 
-def _segment_sum(values: torch.Tensor, segment: torch.Tensor | None, num_segments: int) -> torch.Tensor:
-    if num_segments == 1:
-        return values.sum(0, keepdim=True)
-    out = torch.zeros((num_segments, *values.shape[1:]), dtype=values.dtype, device=values.device)
-    return out.index_add_(0, segment, values)
+def kernel_exponent(abs_c, abs_c_min, inv_two_var):
+    """``(c^2 - c_min^2) / 2 sigma^2`` as ``(|c| - |c|_min) (|c| + |c|_min) / 2 sigma^2``: the difference is
+    taken before the product, so it stays exact when sigma is tiny next to |c| (then c^2 / 2 sigma^2
+    alone would be a huge number whose rounding exceeds the differences between tokens)."""
+    return (abs_c - abs_c_min).mul_(abs_c + abs_c_min).mul_(inv_two_var)
 
 
-def _exact_segment_means(values, segment, counts, num_segments):
-    """Segment means with one correction pass: exactly v when every value of a segment equals v."""
-    safe = counts.clamp(min=1)
-    mean = _segment_sum(values, segment, num_segments) / safe
-    # Sterbenz: values - mean is exact when mean is within a factor 2 of equal values, so the residual
-    # cancels the first pass's rounding exactly in that case, and refines it in general.
-    return mean + _segment_sum(values - _per_token(mean, segment), segment, num_segments) / safe
-
-
-def local_round1(tokens: CompactTokens, row_keys: torch.Tensor | None, num_rows: int, max_segments: int):
-    """This rank's round-1 table ``[max_segments, 15]`` (float64)."""
-    device = tokens.logp.device
-    table = torch.zeros(max_segments, ROUND1_COLUMNS, dtype=F64, device=device)
+def _local_segments(row_keys: torch.Tensor | None, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's sorted segment keys and each row's index into them (on the host, where keys are made)."""
     if row_keys is None:
-        local_keys, segment = torch.zeros(1, dtype=torch.int64, device=device), None
-        rows_per_segment = torch.full((1,), float(num_rows), dtype=F64, device=device)
-    else:
-        local_keys, row_segment = torch.unique(row_keys.to(device), return_inverse=True)
-        segment = row_segment[tokens.row]
-        rows_per_segment = torch.bincount(row_segment, minlength=local_keys.numel()).to(F64)
-    segments = local_keys.numel()
-    if segments > max_segments:
-        table[:, MALFORMED] = 1.0  # the caller raises (every rank does, after the gather)
-        return table
-    if segments == 1:
-        counts = torch.full((1,), float(tokens.logp.numel()), dtype=F64, device=device)
-    else:
-        counts = torch.bincount(segment, minlength=segments).to(F64)
-    mean_l = _exact_segment_means(tokens.logp, segment, counts, segments)
-    mean_a = _exact_segment_means(tokens.adv, segment, counts, segments)
-    x = tokens.logp - _per_token(mean_l, segment)
-    y = tokens.adv - _per_token(mean_a, segment)
-    xx, yy, xy = x * x, y * y, x * y
-    if segments == 1:
-        # Dot products: no [n, 8] temporary on the common single-segment path.
-        dot = torch.dot
-        sums = torch.stack([x.sum(), y.sum(), xx.sum(), xy.sum(), yy.sum(), dot(xx, y), dot(x, yy), dot(xy, xy)])[None]
-    else:
-        sums = _segment_sum(torch.stack([x, y, xx, xy, yy, xx * y, x * yy, xy * xy], dim=1), segment, segments)
-    table[:segments, KEY] = local_keys.view(F64)
-    table[:segments, ROWS] = rows_per_segment
-    table[:segments, N] = counts
-    table[:segments, BAD] = _segment_sum((~torch.isfinite(tokens.logp + tokens.adv)).to(F64), segment, segments)
-    table[:segments, MEAN_L] = mean_l
-    table[:segments, MEAN_A] = mean_a
-    table[:segments, S10:] = sums
-    return table
+        return torch.zeros(1 if num_rows else 0, dtype=torch.int64), torch.zeros(num_rows, dtype=torch.int64)
+    keys, index = torch.unique(row_keys.cpu(), return_inverse=True)
+    return keys, index
 
 
-def merge_round1(stack: torch.Tensor) -> Moments:
-    """Merge the gathered round-1 tables ``[R, S_max, 15]`` into per-segment moments, on every rank alike."""
-    # One device-to-host copy; the merge is a few dozen flops per row.
-    rows = stack.detach().to("cpu", F64).reshape(-1, ROUND1_COLUMNS)
-    num_bad = int(rows[:, BAD].sum().item())
-    num_malformed = int((rows[:, MALFORMED] > 0).sum().item())
-    rows = rows[rows[:, ROWS] > 0]
-    if len(rows) == 0:
-        empty = torch.zeros(0, dtype=F64)
-        return Moments(empty.long(), empty, empty, empty, empty, empty, empty, num_bad, num_malformed)
-    keys, segment = torch.unique(rows[:, KEY].contiguous().view(torch.int64), return_inverse=True)
-    count = len(keys)
-
-    def per_segment(values):
-        return torch.zeros(count, dtype=F64).index_add_(0, segment, values)
-
-    n = rows[:, N]
-    total = per_segment(n)
-    safe_total = total.clamp(min=1)
-    # Shift from the first non-empty row's mean, so that equal means merge to exactly that mean.
-    order = torch.arange(len(rows), dtype=torch.int64)
-    first = torch.full((count,), len(rows), dtype=torch.int64).scatter_reduce_(
-        0, segment, torch.where(n > 0, order, len(rows)), reduce="amin"
-    )
-    has_tokens = first < len(rows)
-    first = first.clamp(max=len(rows) - 1)
-    ref_l = torch.where(has_tokens, rows[first, MEAN_L], 0.0)
-    ref_a = torch.where(has_tokens, rows[first, MEAN_A], 0.0)
-    mean_l = ref_l + per_segment(n * (rows[:, MEAN_L] - ref_l[segment])) / safe_total
-    mean_a = ref_a + per_segment(n * (rows[:, MEAN_A] - ref_a[segment])) / safe_total
-    # Shift each row's central sums to its segment's global means: sum (x + dl)^p (y + da)^q, binomially.
-    dl = torch.where(n > 0, rows[:, MEAN_L] - mean_l[segment], 0.0)
-    da = torch.where(n > 0, rows[:, MEAN_A] - mean_a[segment], 0.0)
-    s10, s01, s20, s11, s02, s21, s12, s22 = (rows[:, i] for i in range(S10, S22 + 1))
-    c11 = per_segment(s11 + da * s10 + dl * s01 + dl * da * n)
-    c22 = per_segment(
-        s22
-        + 2 * da * s21
-        + da * da * s20
-        + 2 * dl * s12
-        + 4 * dl * da * s11
-        + 2 * dl * da * da * s10
-        + dl * dl * s02
-        + 2 * dl * dl * da * s01
-        + dl * dl * da * da * n
-    )
-    cov = c11 / safe_total
-    variance = (c22 / safe_total - cov * cov).clamp(min=0.0)
-    return Moments(keys, per_segment(rows[:, ROWS]), total, mean_l, mean_a, cov, variance, num_bad, num_malformed)
+def _segment_sum(per_row: torch.Tensor, row_segment: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``[B, k]`` row values summed into ``[capacity, k]`` segment rows (float64)."""
+    out = torch.zeros(capacity, per_row.shape[1], dtype=F64, device=per_row.device)
+    return out.index_add_(0, row_segment, per_row.to(F64))
 
 
-def _q(tokens: CompactTokens, moments_l, moments_a, variance, segment):
-    """Per-token c and q = c^2 / (2 sigma^2) of its segment (q = 0 where sigma = 0)."""
-    c = (tokens.logp - _per_token(moments_l, segment)) * (tokens.adv - _per_token(moments_a, segment))
-    # 1 / (2 sigma^2) per segment, 0 where sigma = 0 (then q = 0 and, with a zero shift, w~ = 1).
-    inverse = torch.where(variance > 0, 0.5 / torch.where(variance > 0, variance, 1.0), 0.0)
-    q = c * c * _per_token(inverse, segment)
-    return c, q
+# Round-1 table: row 0 holds this rank's status, rows 1.. one local segment each.
+KEY, ROWS, N, EXCLUDED, SUM_L, SUM_A, SUM_LA, SUM_LL, SUM_AA = range(9)
+MALFORMED, BAD_ADVANTAGES, EPS = range(3)
+# Round-3 table: per local segment the smallest and largest |c| and sum(exp(-exponent)) about the smallest.
+C_MIN, C_MAX, KERNEL_SUM = range(3)
+
+
+@dataclass(frozen=True)
+class _Merge:
+    """How the gathered round-1 stack maps onto global segment slots (the same on every rank)."""
+
+    slot_of_entry: torch.Tensor  # [R * capacity] slot of each (rank, local segment) entry
+    keys: torch.Tensor  # [G] sorted, _NO_KEY where empty
+    sums: torch.Tensor  # [G, 8] ROWS..SUM_AA summed per slot
+    status: torch.Tensor  # [R, 3]
+
+    def add(self, entries: torch.Tensor) -> torch.Tensor:
+        """Sum ``[R, capacity, k]`` per-entry values into ``[G, k]`` slots."""
+        flat = entries.reshape(-1, entries.shape[-1])
+        out = torch.zeros(len(self.keys), flat.shape[1], dtype=F64, device=flat.device)
+        return out.index_add_(0, self.slot_of_entry, flat)
+
+    def reduce(self, entries: torch.Tensor, how: str, empty: float) -> torch.Tensor:
+        """``amin``/``amax`` of ``[R, capacity]`` per-entry values per slot (``empty`` where none)."""
+        out = torch.full((len(self.keys),), empty, dtype=F64, device=entries.device)
+        return out.scatter_reduce(0, self.slot_of_entry, entries.reshape(-1), reduce=how)
+
+
+def _merge_round1(stack: torch.Tensor) -> _Merge:
+    status = stack[:, 0, :3]
+    entries = stack[:, 1:, :].reshape(-1, stack.shape[-1])
+    present = entries[:, ROWS] > 0
+    keys = torch.where(present, entries[:, KEY].contiguous().view(torch.int64), _NO_KEY)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    new_segment = torch.ones_like(sorted_keys, dtype=torch.int64)
+    new_segment[1:] = (sorted_keys[1:] != sorted_keys[:-1]).long()
+    sorted_slot = torch.cumsum(new_segment, 0) - 1
+    slot_of_entry = torch.empty_like(sorted_slot).scatter_(0, order, sorted_slot)
+    slot_keys = torch.full_like(sorted_keys, _NO_KEY).scatter_(0, sorted_slot, sorted_keys)
+    sums = torch.zeros(len(keys), entries.shape[1] - 1, dtype=F64, device=stack.device)
+    sums.index_add_(0, slot_of_entry, entries[:, ROWS:])
+    return _Merge(slot_of_entry, slot_keys, sums, status)
 
 
 def scope_statistics(
-    tokens: CompactTokens,
-    gather: Gather,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    gather: Gather = local_gather,
     row_keys: torch.Tensor | None = None,
     max_segments: int = 1,
     problem: str | None = None,
-) -> tuple[ScopeStatistics, torch.Tensor, torch.Tensor]:
-    """Global statistics of every segment (two gather rounds), plus this rank's tokens' ``c`` and ``q``.
+) -> tuple[ScopeStatistics, WeighedTokens | None]:
+    """Global statistics of every segment in scope (three gather rounds), and this rank's weighed tokens.
 
-    ``row_keys`` (int64 ``[B]``) assigns rows to segments; ``None`` puts everything in one segment.
-    ``max_segments`` bounds the segments any rank holds (every rank ships a table of that many rows).
-    ``problem``: this rank's inputs are unusable; it still joins round 1 so that every rank raises.
+    Args:
+        log_prob: ``[B, T]`` log-probs of the sampled tokens (any float dtype; used detached).
+        advantages: ``[B, T]`` advantages.
+        mask: ``[B, T]`` valid-token mask (nonzero = valid, as verl's ``response_mask``).
+        gather: stacks a tensor over the scope's ranks (:func:`cw_verl.distributed.group_gather`).
+        row_keys: ``[B]`` int64 segment key per row (e.g. a hash of the prompt's uid), on the host;
+            ``None``: one segment.
+        max_segments: the most segments any rank holds (every rank ships tables of that many rows).
+        problem: why this rank's inputs are unusable, if the caller already knows; the inputs are
+            checked here too (:func:`check_inputs`).
+
+    Returns:
+        ``(stats, tokens)``: the :class:`ScopeStatistics`, the same on every rank, and this rank's
+        :class:`WeighedTokens` (``None`` if its inputs are unusable). Nothing is read back to the host:
+        call :func:`raise_for_bad_input` with ``stats`` before using the results.
     """
     if problem is None:
-        table = local_round1(tokens, row_keys, int(tokens.shape[0]), max_segments)
-    else:
-        table = torch.zeros(max_segments, ROUND1_COLUMNS, dtype=F64, device=tokens.logp.device)
-        table[:, MALFORMED] = 1.0
-    moments = merge_round1(gather(table))
-    if problem is not None:
-        raise CovarianceInputError(problem)
-    if moments.num_malformed:
-        raise CovarianceInputError(
-            f"{moments.num_malformed} rank(s) of the statistics scope got unusable input (malformed tensors, or more "
-            f"than {max_segments} segments on one rank); see the error on those ranks."
-        )
-    if moments.num_bad:
-        raise CovarianceInputError(
-            f"{moments.num_bad} valid token(s) in the statistics scope have a non-finite log-prob or advantage; "
-            "CW-GRPO weights are undefined. Check the rollout/log-prob computation for inf/NaN."
-        )
+        problem = check_inputs(log_prob, advantages, mask)
+    device = log_prob.device if isinstance(log_prob, torch.Tensor) else torch.device("cpu")
+    if problem is None:
+        local_keys, row_segment = _local_segments(row_keys, log_prob.shape[0])
+        if len(local_keys) > max_segments:
+            problem = f"{len(local_keys)} segments on one rank, more than the {max_segments} announced"
+    capacity = max(int(max_segments), 1)
 
-    device = tokens.logp.device
-    keys_dev = moments.keys.to(device)
-    if row_keys is None:
-        global_segment = None
-    else:
-        global_segment = torch.searchsorted(keys_dev, row_keys.to(device)[tokens.row])
-    variance = moments.variance.to(device)
-    c, q = _q(tokens, moments.logp_mean.to(device), moments.adv_mean.to(device), variance, global_segment)
-    num_segments = len(moments.keys)
-    rounds = 1
-    if (moments.variance > 0).any():
-        # Round 2: per segment, the local min/max of q and the sum of exp(-(q - local min)).
-        q_min = torch.full((num_segments,), math.inf, dtype=F64, device=device)
-        q_max = torch.full((num_segments,), -math.inf, dtype=F64, device=device)
-        if global_segment is None or num_segments == 1:
-            if q.numel():
-                q_min, q_max = q.min()[None], q.max()[None]
-        else:
-            q_min.scatter_reduce_(0, global_segment, q, reduce="amin")
-            q_max.scatter_reduce_(0, global_segment, q, reduce="amax")
-        local_sum = _segment_sum(torch.exp(_per_token(q_min, global_segment) - q), global_segment, num_segments)
-        stack = gather(torch.stack([q_min, q_max, local_sum], dim=1)).detach().to("cpu", F64)
-        rounds = 2
-        q_shift = stack[..., 0].min(dim=0).values
-        q_top = stack[..., 1].max(dim=0).values
-        # Ranks without tokens of a segment carry (q_min=inf, sum=0) and contribute nothing.
-        scaled = torch.where(stack[..., 2] > 0, stack[..., 2] * torch.exp(q_shift - stack[..., 0]), 0.0).sum(0)
-        log_normaliser = torch.log(moments.num_tokens) - torch.log(scaled)
-        has_spread = moments.variance > 0
-        q_shift = torch.where(has_spread, q_shift, 0.0)
-        log_normaliser = torch.where(has_spread, log_normaliser, 0.0)
-        weight_max = torch.exp(log_normaliser)
-        weight_min = torch.where(has_spread, torch.exp(q_shift - q_top + log_normaliser), 1.0)
-    else:
-        # sigma = 0 everywhere means every c of a segment is equal, hence every w: the normalised weights are 1.
-        q_shift = log_normaliser = torch.zeros(num_segments, dtype=F64)
-        weight_min = weight_max = torch.ones(num_segments, dtype=F64)
-    stats = ScopeStatistics(
-        **{f.name: getattr(moments, f.name) for f in dataclasses.fields(Moments)},
-        q_shift=q_shift,
-        log_normaliser=log_normaliser,
-        weight_min=weight_min,
-        weight_max=weight_max,
-        collective_rounds=rounds,
+    table = torch.zeros(capacity + 1, 9, dtype=F64, device=device)
+    if problem is not None:
+        # Join all three rounds with empty tables, so that every rank learns of the problem together.
+        table[0, MALFORMED] = 1.0
+        merge = _merge_round1(gather(table))
+        stats = _finish(merge, gather(torch.zeros(capacity, 2, dtype=F64, device=device)), None, problem)
+        empty = torch.zeros(capacity, 3, dtype=F64, device=device)
+        empty[:, C_MIN], empty[:, C_MAX] = math.inf, -math.inf
+        return _normalise(stats, merge, gather(empty)), None
+
+    # Round 1: counts and sums of each row's valid tokens. Every per-token step is arithmetic: on a CPU a
+    # boolean pass (where, comparisons) costs ten arithmetic ones, and on a GPU nothing here syncs.
+    dtype = compute_dtype(torch.promote_types(log_prob.dtype, advantages.dtype))
+    row_segment = row_segment.to(device, non_blocking=True)
+    mask_f = mask.to(dtype)
+    logp = log_prob.detach().to(dtype)
+    adv = advantages.detach().to(dtype)
+    # x - x is 0 for finite x and NaN otherwise: a 0/1 indicator of non-finite values.
+    valid = torch.addcmul(mask_f, mask_f, torch.sub(logp, logp).nan_to_num_(nan=1.0), value=-1.0)
+    bad_advantages = torch.sub(adv, adv).nan_to_num_(nan=1.0).mul_(valid).sum()
+    logp0 = torch.nan_to_num(logp, nan=0.0, posinf=0.0, neginf=0.0).mul_(valid)
+    adv0 = torch.nan_to_num(adv, nan=0.0, posinf=0.0, neginf=0.0).mul_(valid)
+    num_valid = valid.sum(1)
+    per_row = torch.stack(
+        [
+            torch.ones_like(num_valid),
+            num_valid,
+            mask_f.sum(1) - num_valid,
+            logp0.sum(1),
+            adv0.sum(1),
+            (logp0 * adv0).sum(1),
+            torch.linalg.vector_norm(logp0, dim=1).square_(),
+            torch.linalg.vector_norm(adv0, dim=1).square_(),
+        ],
+        dim=1,
     )
-    return stats, c, q
+    table[1 : len(local_keys) + 1, KEY] = local_keys.to(device, non_blocking=True).view(F64)
+    table[1:, ROWS:] = _segment_sum(per_row, row_segment, capacity)
+    table[0, BAD_ADVANTAGES] = bad_advantages
+    table[0, EPS] = torch.finfo(dtype).eps
+    merge = _merge_round1(gather(table))
+
+    # Round 2: every token's c from the global means, summed about an estimate of mean(c).
+    slots = torch.searchsorted(merge.keys, local_keys.to(device, non_blocking=True))[row_segment]
+    n = merge.sums[:, N - 1].clamp(min=1.0)
+    logp_mean = merge.sums[:, SUM_L - 1] / n
+    adv_mean = merge.sums[:, SUM_A - 1] / n
+    cov_estimate = merge.sums[:, SUM_LA - 1] / n - logp_mean * adv_mean
+    per_slot = torch.stack([logp_mean, adv_mean, cov_estimate], dim=1).to(dtype)[slots]
+    cov = (logp0 - per_slot[:, 0:1]).mul_(valid).mul_(adv0 - per_slot[:, 1:2])
+    deviation = torch.addcmul(cov, valid, per_slot[:, 2:3], value=-1.0)
+    per_row = torch.stack([deviation.sum(1), torch.linalg.vector_norm(deviation, dim=1).square_()], dim=1)
+    round2 = gather(_segment_sum(per_row, row_segment, capacity))
+    stats = _finish(merge, round2, (logp_mean, adv_mean, cov_estimate), None)
+
+    # Round 3: per row the smallest |c| and the kernel summed about it; merged as a log-sum-exp. Invalid
+    # positions get |c| = _BIG, so that they never hold the minimum, and the kernel 0.
+    inv_two_var = stats.inv_two_var.to(dtype)[slots][:, None]
+    abs_cov = cov.abs()
+    row_max = abs_cov.amax(1)
+    abs_cov.add_(valid.sub(1.0).mul_(-_BIG))
+    row_min = abs_cov.amin(1, keepdim=True)  # _BIG for a row without valid tokens
+    kernel = kernel_exponent(abs_cov, row_min, inv_two_var).neg_().exp_().mul_(valid)
+    has_tokens = num_valid > 0
+    per_row = torch.stack(
+        [
+            torch.where(has_tokens, row_min[:, 0], math.inf).to(F64),
+            torch.where(has_tokens, row_max, -math.inf).to(F64),
+            kernel.sum(1).to(F64),
+        ],
+        dim=1,
+    )
+    local_min = torch.full((capacity,), math.inf, dtype=F64, device=device)
+    local_min = local_min.scatter_reduce(0, row_segment, per_row[:, C_MIN], reduce="amin")
+    local_max = torch.full((capacity,), -math.inf, dtype=F64, device=device)
+    local_max = local_max.scatter_reduce(0, row_segment, per_row[:, C_MAX], reduce="amax")
+    # Each row's sum was taken about its own smallest |c|: rescale to the segment's.
+    segment_min = local_min[row_segment]
+    rescale = torch.exp(-kernel_exponent(per_row[:, C_MIN], segment_min, stats.inv_two_var[slots]))
+    rescaled = torch.where(has_tokens, per_row[:, KERNEL_SUM] * rescale, 0.0)
+    local_sum = torch.zeros(capacity, dtype=F64, device=device).index_add_(0, row_segment, rescaled)
+    stats = _normalise(stats, merge, gather(torch.stack([local_min, local_max, local_sum], dim=1)))
+
+    scale = stats.log_norm[slots] - kernel_exponent(
+        row_min[:, 0].to(F64), stats.abs_c_min[slots], stats.inv_two_var[slots]
+    )
+    weights = kernel.mul_(torch.exp(torch.where(has_tokens, scale, 0.0)).to(dtype)[:, None])
+    return stats, WeighedTokens(weights=weights, cov=cov, valid=valid, slots=slots)
+
+
+def _finish(merge: _Merge, stack2: torch.Tensor, means, problem: str | None) -> ScopeStatistics:
+    """Round-2 merge: mean(c) and its variance per slot, with the rounding floor."""
+    sums = merge.sums
+    n = sums[:, N - 1]
+    safe = n.clamp(min=1.0)
+    if means is None:
+        zero = torch.zeros_like(n)
+        logp_mean = adv_mean = cov_estimate = zero
+    else:
+        logp_mean, adv_mean, cov_estimate = means
+    round2 = merge.add(stack2)
+    mean_deviation = round2[:, 0] / safe
+    # About an estimate within rounding of mean(c): no cancellation beyond that rounding.
+    variance = (round2[:, 1] / safe - mean_deviation.square()).clamp(min=0.0)
+    cov_mean = cov_estimate + mean_deviation
+    # Second moments about the means, for the size of the rounding (the raw-moment form is only a bound).
+    logp_var = (sums[:, SUM_LL - 1] / safe - logp_mean.square()).clamp(min=0.0)
+    adv_var = (sums[:, SUM_AA - 1] / safe - adv_mean.square()).clamp(min=0.0)
+    eps = merge.status[:, EPS].amax()
+    noise = 3.0 * (logp_mean.square() * adv_var + adv_mean.square() * logp_var + 9.0 * (variance + cov_mean.square()))
+    spread = variance > (FLOOR_ULPS * eps).square() * noise
+    variance = torch.where(spread, variance, 0.0)
+    zeros = torch.zeros_like(n)
+    return ScopeStatistics(
+        keys=merge.keys,
+        rows=sums[:, ROWS - 1],
+        num_tokens=n,
+        num_excluded=sums[:, EXCLUDED - 1],
+        logp_mean=logp_mean,
+        adv_mean=adv_mean,
+        cov_mean=cov_mean,
+        variance=variance,
+        inv_two_var=torch.where(spread, 0.5 / torch.where(spread, variance, 1.0), 0.0),
+        abs_c_min=zeros,
+        log_norm=zeros,
+        weight_min=zeros,
+        weight_max=zeros,
+        status=merge.status,
+        local_problem=problem,
+    )
+
+
+def _normalise(stats: ScopeStatistics, merge: _Merge, stack3: torch.Tensor) -> ScopeStatistics:
+    """Round-3 merge: ``log(N / sum(w))`` per slot as a log-sum-exp, and the extreme weights."""
+    has_tokens = stats.num_tokens > 0
+    c_min = torch.where(has_tokens, merge.reduce(stack3[..., C_MIN], "amin", math.inf), 0.0)
+    c_max = torch.where(has_tokens, merge.reduce(stack3[..., C_MAX], "amax", -math.inf), 0.0)
+    entries = stack3.reshape(-1, 3)
+    slots = merge.slot_of_entry
+    inv = stats.inv_two_var[slots]
+    rescale = torch.exp(-kernel_exponent(entries[:, C_MIN], c_min[slots], inv))
+    term = torch.where(entries[:, KERNEL_SUM] > 0, entries[:, KERNEL_SUM] * rescale, 0.0)
+    total = torch.zeros(len(merge.keys), dtype=F64, device=entries.device).index_add_(0, slots, term)
+    log_norm = torch.where(has_tokens, torch.log(stats.num_tokens.clamp(min=1.0)) - torch.log(total), 0.0)
+    weight_min = torch.exp(log_norm - kernel_exponent(c_max, c_min, stats.inv_two_var))
+    return replace(stats, abs_c_min=c_min, log_norm=log_norm, weight_min=weight_min, weight_max=torch.exp(log_norm))
 
 
 def token_weights(
-    tokens: CompactTokens, stats: ScopeStatistics, row_keys: torch.Tensor | None = None, q=None, c=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w~, c)`` of each valid token, from the scope's statistics (a pointwise function, no collective).
+    stats: ScopeStatistics,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    row_slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``w~`` of the tokens of some rows (e.g. a micro-batch) from the scope's statistics: a pointwise
+    function, no collective.
 
-    ``q``/``c`` may be passed when :func:`scope_statistics` already computed them for these tokens.
+    Args:
+        stats: the scope's :class:`ScopeStatistics`.
+        log_prob: ``[B, T]`` log-probs of the tokens (the ones the statistics were computed from).
+        advantages: ``[B, T]`` their advantages.
+        row_slots: ``[B]`` each row's segment slot (:meth:`ScopeStatistics.slots_of`); ``None`` for a scope
+            of one segment.
+
+    Returns:
+        ``[B, T]`` weights in the compute precision, 0 where the log-prob is not finite (a token left
+        out of the statistics). Positions outside the rows' masks get a value too: mask them.
     """
-    device = tokens.logp.device
-    if tokens.row.numel() == 0:
-        return tokens.logp.clone(), tokens.logp.clone()
-    keys = stats.keys.to(device)
-    if row_keys is None:
-        segment = None
-        if len(keys) != 1:
-            raise CovarianceInputError(f"statistics of {len(keys)} segments for tokens without segment keys")
-    else:
-        token_keys = row_keys.to(device)[tokens.row]
-        segment = torch.searchsorted(keys, token_keys).clamp(max=max(len(keys) - 1, 0))
-        if len(keys) == 0 or not torch.equal(keys[segment], token_keys):
-            raise CovarianceInputError("tokens belong to a segment that the scope's statistics do not cover")
-    if q is None or c is None:
-        c, q = _q(tokens, stats.logp_mean.to(device), stats.adv_mean.to(device), stats.variance.to(device), segment)
-    shift = (stats.q_shift + stats.log_normaliser).to(device)
-    weights = torch.exp(_per_token(shift, segment) - q)
-    return weights, c
+    dtype = compute_dtype(torch.promote_types(log_prob.dtype, advantages.dtype))
+    fields = (stats.logp_mean, stats.adv_mean, stats.inv_two_var, stats.abs_c_min, stats.log_norm)
+    params = torch.stack(fields, dim=1).to(dtype)  # [G, 5]
+    params = (params[:1] if row_slots is None else params[row_slots])[:, :, None]  # [B or 1, 5, 1]
+    logp_mean, adv_mean, inv_two_var, abs_c_min, log_norm = params.unbind(1)
+    abs_cov = ((log_prob.detach().to(dtype) - logp_mean) * (advantages.detach().to(dtype) - adv_mean)).abs_()
+    exponent = (abs_cov - abs_c_min).mul_(abs_cov + abs_c_min)
+    weights = torch.addcmul(log_norm, exponent, inv_two_var, value=-1.0).exp_()
+    # A non-finite log-prob makes |c| infinite (weight exp(-inf) = 0) or NaN: both weigh 0.
+    return torch.nan_to_num_(weights, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def weigh_tokens(
-    tokens: CompactTokens,
-    gather: Gather,
-    row_keys: torch.Tensor | None = None,
-    max_segments: int = 1,
-    problem: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, ScopeStatistics]:
-    """``(w~, c, stats)`` of valid tokens: the scope's statistics (two gather rounds), then the pointwise weights."""
-    stats, c, q = scope_statistics(tokens, gather, row_keys, max_segments, problem)
-    weights, c = token_weights(tokens, stats, row_keys, q=q, c=c)
-    return weights, c, stats
+def raise_for_bad_input(status, problem: str | None = None, what: str = "the statistics scope", tokens=None) -> None:
+    """Raise :class:`CovarianceInputError` on every rank if any rank's input was bad.
+
+    Args:
+        status: ``ScopeStatistics.status`` read to the host (``[ranks, 3]``, e.g. ``.tolist()``).
+        problem: this rank's own problem, if any (it leads the message on that rank).
+        what: names the scope in the message.
+        tokens: ``(advantages, mask)`` of this rank, to name its tokens with a non-finite advantage.
+    """
+    malformed = [rank for rank, row in enumerate(status) if row[MALFORMED] > 0]
+    bad = {rank: int(row[BAD_ADVANTAGES]) for rank, row in enumerate(status) if row[BAD_ADVANTAGES] > 0}
+    if problem is not None:
+        raise CovarianceInputError(problem)
+    if malformed:
+        raise CovarianceInputError(
+            f"rank(s) {malformed} of {what} got unusable input (see the error on those ranks); every rank stops."
+        )
+    if bad:
+        where = ", ".join(f"rank {rank}: {count}" for rank, count in bad.items())
+        here = locate_bad_advantages(*tokens) if tokens is not None else []
+        mine = f"; here at (row, position) {here}" if here else ""
+        raise CovarianceInputError(
+            f"non-finite advantages at valid tokens of {what} ({where}{mine}); CW-GRPO weights are undefined. "
+            "Check the advantage estimator and the rewards for inf/NaN."
+        )
+
+
+def locate_bad_advantages(advantages: torch.Tensor, mask: torch.Tensor, limit: int = 3) -> list[tuple[int, int]]:
+    """``(row, position)`` of the first non-finite advantages at valid tokens (for error messages)."""
+    bad = (~torch.isfinite(advantages.detach())) & mask.bool()
+    return [tuple(index) for index in bad.nonzero()[:limit].tolist()]
 
 
 def covariance_weights(
@@ -418,18 +491,21 @@ def covariance_weights(
         advantages: ``[B, T]`` advantages.
         mask: ``[B, T]`` valid-token mask (nonzero = valid, as verl's ``response_mask``).
         gather: stacks a tensor over the scope's ranks (:func:`cw_verl.distributed.group_gather`).
-        row_keys: ``[B]`` int64 segment key per row (e.g. a hash of the prompt's uid); ``None``: one segment.
+        row_keys: ``[B]`` int64 segment key per row on the host (e.g. a hash of the prompt's uid);
+            ``None``: one segment.
         max_segments: the most segments any rank holds.
 
     Returns:
-        ``(weights, c, stats)``: float64 ``[B, T]`` weights (1 at masked-out positions), the token
-        covariance ``c`` (0 at masked-out positions) and the scope's :class:`ScopeStatistics`.
+        ``(weights, c, stats)``: ``[B, T]`` weights in the compute precision (1 at masked-out positions,
+        0 at valid tokens with a non-finite log-prob), the token covariance ``c`` (0 at both) and the
+        scope's :class:`ScopeStatistics`.
 
-    Defined degenerate cases: sigma = 0 (e.g. all advantages of a segment equal) gives weights 1; no
-    valid tokens gives weights 1 and zero statistics; non-finite log-probs or advantages at valid
-    positions raise :class:`CovarianceInputError` on every rank. Every rank joins every round, so a rank
-    with no valid tokens, or with bad input, never leaves the others waiting.
+    Raises:
+        CovarianceInputError: on every rank, when any rank's input is malformed or has a non-finite
+            advantage at a valid token.
     """
-    tokens, problem = CompactTokens.checked(log_prob, advantages, mask)
-    weights, c, stats = weigh_tokens(tokens, gather, row_keys, max_segments, problem)
-    return tokens.scatter(weights, 1.0), tokens.scatter(c, 0.0), stats
+    problem = check_inputs(log_prob, advantages, mask)
+    stats, tokens = scope_statistics(log_prob, advantages, mask, gather, row_keys, max_segments, problem)
+    raise_for_bad_input(stats.status.tolist(), stats.local_problem, tokens=(advantages, mask))
+    outside = 1.0 - mask.to(tokens.weights.dtype)
+    return tokens.weights + outside, tokens.cov, stats

@@ -140,13 +140,15 @@ def train_step(
     dynamic_tokens=None,
     bridged=True,
     rollout_n=GROUP_SIZE,
+    mark=None,
     **batch_kw,
 ):
     """One optimizer mini-batch through the patched ``BaseEngine.train_batch``: DP-averaged gradients,
     the number of loss calls, and per-call metrics.
 
     ``micro_batch_size`` per rank (fixed micro-batches) or ``dynamic_tokens`` (verl's dynamic batch size,
-    token-packed micro-batches of at most that many tokens).
+    token-packed micro-batches of at most that many tokens). ``mark``: the advantage estimator the driver
+    recorded in the batch (cw_verl.patches.advantage_source).
     """
     import verl  # noqa: F401  (loads the cw_verl plugin)
     from verl.utils import tensordict_utils as tu
@@ -158,6 +160,10 @@ def train_step(
     rows = rank_rows(rank, world_size, batch_kw.pop("uneven", False))
     data = trainer_batch(rows, **batch_kw)
     dynamic = dynamic_tokens is not None
+    if mark is not None:
+        from cw_verl.patches.advantage_source import MARK
+
+        tu.assign_non_tensor(data, **{MARK: mark})
     tu.assign_non_tensor(
         data,
         global_batch_size=NUM_SEQUENCES,

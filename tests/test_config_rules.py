@@ -1,5 +1,7 @@
-"""``algorithm.adv_estimator=cw_grpo`` is the one switch: loss_mode follows it, conflicts stop the run early."""
+"""``algorithm.adv_estimator=cw_grpo`` is the one switch on every verl entry point: the same config gives the
+same loss_mode or the same error, whatever the entry point and wherever a value came from, before Ray starts."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,16 +9,21 @@ import sys
 import pytest
 import verl  # noqa: F401
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from cw_verl.config_rules import (
+    CONFIG_RULES,
     LOSS_MODE_KEY,
     ConfigConflictError,
-    align_loss_mode_with_estimator,
-    check_group_scope,
-    explicit_override_keys,
+    Launch,
+    apply_config_rules,
+    config_rule,
+    launch_of,
+    verl_default_loss_mode,
 )
 
 VERL_CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+SYNC = Launch("main_ppo (v1 sync)", None)
 
 
 def verl_config(*overrides):
@@ -24,65 +31,179 @@ def verl_config(*overrides):
         return compose(config_name="ppo_trainer", overrides=list(overrides))
 
 
-def test_loss_mode_left_at_verls_default_follows_the_estimator():
+def test_verls_default_loss_mode_is_vanilla():
+    assert verl_default_loss_mode() == "vanilla" == verl_config().actor_rollout_ref.actor.policy_loss.loss_mode
+
+
+def test_loss_mode_left_at_verls_default_follows_the_estimator(caplog):
     config = verl_config("algorithm.adv_estimator=cw_grpo")
-    assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "vanilla"  # verl's default
-    assert align_loss_mode_with_estimator(config, set()) == "cw_grpo"
+    with caplog.at_level("WARNING", logger="cw_verl.config_rules"):
+        apply_config_rules(config, SYNC)
     assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "cw_grpo"
+    assert "follows the estimator: cw_grpo" in caplog.text
 
 
-@pytest.mark.parametrize("loss_mode", ["vanilla", "clip_cov", "gspo"])
-def test_explicit_conflicting_loss_mode_is_an_error(loss_mode):
-    override = f"{LOSS_MODE_KEY}={loss_mode}"
-    config = verl_config("algorithm.adv_estimator=cw_grpo", override)
+@pytest.mark.parametrize("loss_mode", ["clip_cov", "gspo", "kl_cov"])
+def test_a_non_cw_loss_other_than_verls_default_is_an_error(loss_mode):
+    config = verl_config("algorithm.adv_estimator=cw_grpo", f"{LOSS_MODE_KEY}={loss_mode}")
     with pytest.raises(ConfigConflictError, match=f"loss_mode={loss_mode}"):
-        align_loss_mode_with_estimator(config, explicit_override_keys([override]))
+        apply_config_rules(config, SYNC)
+
+
+def test_the_rule_does_not_depend_on_where_a_value_came_from():
+    """The same value set on the command line, in a merged YAML or by code gives the same outcome."""
+    composed = verl_config("algorithm.adv_estimator=cw_grpo", f"{LOSS_MODE_KEY}=vanilla")
+    merged = OmegaConf.merge(verl_config(), OmegaConf.create({"algorithm": {"adv_estimator": "cw_grpo"}}))
+    for config in (composed, merged):
+        apply_config_rules(config, SYNC)
+        assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "cw_grpo"
 
 
 def test_consistent_or_unrelated_settings_are_left_alone():
-    config = verl_config("algorithm.adv_estimator=cw_grpo", f"{LOSS_MODE_KEY}=cw_grpo")
-    assert align_loss_mode_with_estimator(config, {LOSS_MODE_KEY}) is None
+    config = verl_config("algorithm.adv_estimator=cw_grpo", f"{LOSS_MODE_KEY}=cw_grpo_microbatch")
+    apply_config_rules(config, SYNC)
+    assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "cw_grpo_microbatch"
     config = verl_config("algorithm.adv_estimator=grpo", f"{LOSS_MODE_KEY}=clip_cov")
-    assert align_loss_mode_with_estimator(config, {LOSS_MODE_KEY}) is None
+    apply_config_rules(config, SYNC)
     assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "clip_cov"
+    config = verl_config("algorithm.adv_estimator=grpo", f"{LOSS_MODE_KEY}=cw_grpo")  # CW loss, GRPO estimator
+    apply_config_rules(config, SYNC)
+    assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "cw_grpo"
 
 
-def test_group_scope_needs_one_mini_batch_per_step():
-    whole = verl_config(
-        f"{LOSS_MODE_KEY}=cw_grpo_group", "data.train_batch_size=12", "actor_rollout_ref.actor.ppo_mini_batch_size=12"
+def group_scope(*overrides):
+    return verl_config(f"{LOSS_MODE_KEY}=cw_grpo_group", "data.train_batch_size=16", *overrides)
+
+
+def test_group_scope_needs_one_mini_batch_per_update():
+    whole = group_scope("actor_rollout_ref.actor.ppo_mini_batch_size=16")
+    apply_config_rules(whole, launch_of(whole, "TaskRunnerV1"))
+    split = group_scope("actor_rollout_ref.actor.ppo_mini_batch_size=4")
+    with pytest.raises(ConfigConflictError, match="ppo_mini_batch_size=16"):
+        apply_config_rules(split, launch_of(split, "TaskRunnerV1"))
+    mini = verl_config(f"{LOSS_MODE_KEY}=cw_grpo", "actor_rollout_ref.actor.ppo_mini_batch_size=4")
+    apply_config_rules(mini, launch_of(mini, "TaskRunnerV1"))
+
+
+def test_group_scope_accepts_separate_async_whose_local_updates_hold_whole_groups():
+    """verl's separate_async makes parameter_sync_step local updates per step, each of ppo_mini_batch_size
+    prompts (it requires train_batch_size == parameter_sync_step * ppo_mini_batch_size)."""
+    config = group_scope(
+        "trainer.v1.trainer_mode=separate_async",
+        "trainer.v1.separate_async.parameter_sync_step=4",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
     )
-    check_group_scope(whole)
-    split = verl_config(
-        f"{LOSS_MODE_KEY}=cw_grpo_group", "data.train_batch_size=12", "actor_rollout_ref.actor.ppo_mini_batch_size=6"
-    )
-    with pytest.raises(ConfigConflictError, match="ppo_mini_batch_size=12"):
-        check_group_scope(split)
-    check_group_scope(verl_config(f"{LOSS_MODE_KEY}=cw_grpo", "actor_rollout_ref.actor.ppo_mini_batch_size=6"))
+    launch = launch_of(config, "TaskRunnerV1")
+    assert launch.prompts_per_update == 4
+    apply_config_rules(config, launch)
+    # The same numbers on the legacy trainer, which updates on the whole step's batch, split groups.
+    with pytest.raises(ConfigConflictError, match="legacy"):
+        apply_config_rules(config, launch_of(config, "TaskRunner"))
 
 
-def test_override_keys_strip_hydra_prefixes():
-    assert explicit_override_keys([f"++{LOSS_MODE_KEY}=x", "+a.b=1", "~c"]) == {LOSS_MODE_KEY, "a.b", "c"}
+def test_fully_async_updates_hold_require_batches_mini_batches():
+    config = group_scope("actor_rollout_ref.actor.ppo_mini_batch_size=4", "+async_training.require_batches=2")
+    assert launch_of(config, "FullyAsyncTaskRunner").prompts_per_update == 8
+    with pytest.raises(ConfigConflictError, match="fully_async_policy"):
+        apply_config_rules(config, launch_of(config, "FullyAsyncTaskRunner"))
 
 
-def run_main_ppo(*overrides):
-    return subprocess.run(
-        [sys.executable, "-m", "verl.trainer.main_ppo", *overrides],
+def test_a_new_rule_is_one_decorator():
+    seen = []
+
+    @config_rule
+    def record(config, launch):
+        seen.append((config.algorithm.adv_estimator, launch.entry_point))
+
+    try:
+        apply_config_rules(verl_config("algorithm.adv_estimator=grpo"), SYNC)
+    finally:
+        CONFIG_RULES.remove(record)
+    assert seen == [("grpo", "main_ppo (v1 sync)")]
+
+
+def test_task_runner_classes_are_recognised_through_ray_and_subclassing():
+    import ray
+    from cw_verl.patches.entry_points import runner_name
+    from verl.trainer.main_ppo import TaskRunnerV1
+
+    class RecipeRunner(TaskRunnerV1.__ray_actor_class__):
+        pass
+
+    assert runner_name(TaskRunnerV1) == "TaskRunnerV1"
+    assert runner_name(ray.remote(RecipeRunner)) == "TaskRunnerV1"
+    assert runner_name(object) == "object"
+
+
+# --- every entry point, run as a user runs it, with Ray faked (tests/entry_points.py) --------------
+
+
+@pytest.fixture(scope="module")
+def entry_points():
+    result = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "entry_points.py"), "--json", "--quick"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
+    return json.loads(line.removeprefix("RESULTS "))
+
+
+ENTRY_POINTS = [
+    "main_ppo (v1 sync)",
+    "main_ppo (v1 separate_async)",
+    "main_ppo (legacy trainer)",
+    "one_step_off_policy",
+    "fully_async_policy",
+    "compose + run_ppo",
+]
+
+
+def find(results, entry, source, loss_mode, overrides=()):
+    return next(
+        r
+        for r in results
+        if (r["entry"], r["source"], r["loss_mode"], tuple(r["overrides"])) == (entry, source, loss_mode, overrides)
     )
 
 
-def test_verl_main_stops_on_a_conflict_before_ray_starts():
-    result = run_main_ppo("algorithm.adv_estimator=cw_grpo", f"{LOSS_MODE_KEY}=vanilla")
-    assert result.returncode != 0
-    assert "ConfigConflictError" in result.stderr and f"{LOSS_MODE_KEY}=vanilla" in result.stderr
-    assert "ray init kwargs" not in result.stdout  # validation happens before run_ppo's ray.init
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_resolves_the_estimator_alone_to_cw_grpo(entry_points, entry):
+    result = find(entry_points, entry, "estimator only", None)
+    assert result["error"] is None and result["resolved"] == "cw_grpo"
 
 
-def test_verl_main_applies_the_rule_then_runs_verls_own_validation():
-    result = run_main_ppo("algorithm.adv_estimator=cw_grpo")
-    assert "follows it: cw_grpo" in result.stdout + result.stderr  # hydra logs to stdout
-    # verl's own checks ran after ours (the default config lacks micro-batch sizes).
-    assert "ppo_micro_batch_size" in result.stderr
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_refuses_a_conflicting_loss_from_any_source_before_ray_starts(entry_points, entry):
+    sources = ["compose overrides"] if entry == "compose + run_ppo" else ["YAML", "command line"]
+    for source in sources:
+        result = find(entry_points, entry, source, "clip_cov")
+        assert result["error"].startswith("ConfigConflictError") and "loss_mode=clip_cov" in result["error"], result
+        assert not result["ray_started"] and result["resolved"] is None
+
+
+def test_verls_default_set_explicitly_anywhere_is_the_same_as_leaving_it(entry_points):
+    for result in entry_points:
+        if result["loss_mode"] == "vanilla":
+            assert result["error"] is None and result["resolved"] == "cw_grpo", result
+
+
+def test_group_scope_per_trainer_loop(entry_points):
+    assert find(entry_points, "main_ppo (v1 separate_async)", "command line", "cw_grpo_group")["resolved"] == (
+        "cw_grpo_group"
+    )
+    split = ("data.train_batch_size=16", "actor_rollout_ref.actor.ppo_mini_batch_size=4")
+    assert find(entry_points, "main_ppo (v1 sync)", "command line", "cw_grpo_group", split)["error"].startswith(
+        "ConfigConflictError"
+    )
+    one = find(
+        entry_points, "fully_async_policy", "command line", "cw_grpo_group", ("async_training.require_batches=1",)
+    )
+    assert one["resolved"] == "cw_grpo_group"
+    two = find(
+        entry_points, "fully_async_policy", "command line", "cw_grpo_group", ("async_training.require_batches=2",)
+    )
+    assert two["error"].startswith("ConfigConflictError") and not two["ray_started"]

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from cw_verl.cpu.launch import run_ranks
-from cw_verl.cpu.megatron_study import (
+from cw_verl.cpu.tiny_model import TinyModelSpec
+from cw_verl.demo.megatron_study import (
     LAYOUTS,
     MICRO_BATCH,
     REFERENCE_MICRO_BATCH,
@@ -32,7 +33,6 @@ from cw_verl.cpu.megatron_study import (
     layout_variants,
     reference_run,
 )
-from cw_verl.cpu.tiny_model import TinyModelSpec
 from cw_verl.demo.task import ReversalTask
 from cw_verl.demo.warmstart import WarmStart, build_demo_model
 from tests.megatron_ranks import layouts_and_a_wrong_group

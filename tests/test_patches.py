@@ -74,19 +74,86 @@ def test_the_policy_loss_signature_is_what_cw_grpo_implements():
         )
 
 
-# patches/validate_config.py
+# patches/entry_points.py
 
 
-def test_trainer_entry_points_validate_the_config_before_starting_ray():
+def test_every_entry_point_hands_its_config_to_run_ppo_before_ray_starts():
+    from verl.trainer import main_ppo
+
+    assert list(inspect.signature(main_ppo.run_ppo).parameters)[:2] == ["config", "task_runner_class"]
+    run_ppo_source = inspect.getsource(main_ppo.run_ppo.__wrapped__)
+    assert "ray.init(" in run_ppo_source and "task_runner_class" in run_ppo_source
+    for path in ("experimental/one_step_off_policy/main_ppo.py", "experimental/fully_async_policy/fully_async_main.py"):
+        source = read(path)
+        # imported from the module when main() runs, so the wrapped function
+        assert "    from verl.trainer.main_ppo import run_ppo" in source, path
+        assert "run_ppo(config, task_runner_class=" in source, path
+
+
+def test_main_ppo_validates_before_run_ppo_and_picks_the_runner_by_use_v1():
+    from verl.trainer import main_ppo
     from verl.utils import config as config_module
 
     original = config_module.validate_config.__wrapped__
     assert list(inspect.signature(original).parameters)[0] == "config"
-    from verl.trainer import main_ppo
-
     assert "from verl.utils.config import validate_config" in read("trainer/main_ppo.py")
     main_source = inspect.getsource(main_ppo.main)
     assert main_source.index("validate_config(") < main_source.index("run_ppo(config")
+    assert "if config.trainer.use_v1:" in main_source and "TaskRunnerV1" in main_source
+    assert "from verl.trainer.main_ppo_v0 import TaskRunner" in main_source
+
+
+def test_the_task_runners_and_how_their_trainer_loops_size_an_update():
+    from verl.trainer.main_ppo import TaskRunnerV1
+    from verl.trainer.main_ppo_v0 import TaskRunner
+
+    assert TaskRunnerV1.__ray_actor_class__.__name__ == "TaskRunnerV1"
+    assert TaskRunner.__ray_actor_class__.__name__ == "TaskRunner"
+    assert "class OneStepTaskRunner" in read("experimental/one_step_off_policy/main_ppo.py")
+    assert "class FullyAsyncTaskRunner" in read("experimental/fully_async_policy/fully_async_main.py")
+    base = read("trainer/ppo/v1/trainer_base.py")
+    assert 'self.config.trainer.v1.get(self.trainer_mode, {}).get("parameter_sync_step", 1)' in base
+    assert "sample_batch_size = train_batch_size // self.parameter_sync_step" in base
+    assert "train_batch_size == parameter_sync_step * ppo_mini_batch_size" in read(
+        "trainer/ppo/v1/trainer_separate_async.py"
+    )
+    fully_async = read("experimental/fully_async_policy/fully_async_trainer.py")
+    assert "self.required_samples = config.actor_rollout_ref.actor.ppo_mini_batch_size * self.require_batches" in (
+        fully_async
+    )
+
+
+# patches/advantage_source.py
+
+
+def test_the_driver_can_mark_a_batch_and_the_actor_update_carries_the_mark():
+    from verl import DataProto
+    from verl.trainer.ppo import ray_trainer
+
+    assert "adv_estimator" in inspect.signature(ray_trainer.compute_advantage.__wrapped__).parameters
+    assert "batch_td = batch.to_tensordict()" in inspect.getsource(ray_trainer.RayPPOTrainer._update_actor)
+    assert "non_tensor_dict=self.meta_info" in inspect.getsource(DataProto.to_tensordict)
+    assert "from verl.trainer.ppo.ray_trainer import RayPPOTrainer, apply_kl_penalty, compute_advantage" in read(
+        "experimental/separation/ray_trainer.py"
+    )
+
+
+def test_the_v1_trainer_can_mark_its_transfer_queue_batch():
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    original = PPOTrainer._compute_advantage.__wrapped__
+    assert list(inspect.signature(original).parameters) == ["self", "batch", "metrics"]
+    assert "return batch" in inspect.getsource(original)
+    # the worker turns the batch's extra_info into fields of the TensorDict it trains on
+    assert "meta_info = copy.deepcopy(meta.extra_info)" in read("utils/transferqueue_utils.py")
+
+
+def test_ppo_loss_looks_the_policy_loss_up_on_every_call():
+    from verl.workers.utils.losses import ppo_loss
+
+    source = inspect.getsource(ppo_loss)
+    assert "policy_loss_fn = get_policy_loss_fn(loss_mode)" in source
+    assert "get_policy_loss_fn" in read("workers/utils/losses.py").split("def sft_loss")[0]  # imported by name
 
 
 # patches/v1_multi_trajectory.py

@@ -99,3 +99,65 @@ def test_wide_scopes_outside_an_engine_call_say_how_to_use_them():
             response_mask=batch["mask"],
             config=actor_config(),
         )
+
+
+def loss_calls_with_one_bad_micro_batch(rank, world_size, loss_mode, bad_rank, bad_call):
+    """The engine's loss calls of one mini-batch (2 micro-batches per rank), with a malformed micro-batch
+    (old log-probs one position short) on ``bad_rank`` only: which call raised, and what, on this rank."""
+    import torch.distributed as dist
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+    from verl.utils import tensordict_utils as tu
+
+    from cw_verl.distributed import loss_call, train_batch_call
+    from tests.fake_engine import rank_rows, trainer_batch
+    from tests.toy_policy import actor_config
+
+    data = trainer_batch(rank_rows(rank, world_size))
+    tu.assign_non_tensor(data, global_batch_size=NUM_SEQUENCES)
+    padded = data.select("old_log_probs", "advantages", "response_mask").to_padded_tensor()
+    config = actor_config(policy_loss={"loss_mode": loss_mode}, rollout_n=GROUP_SIZE)
+    tokens = padded["response_mask"].sum()
+    dist.all_reduce(tokens)
+    config.global_batch_info.update(
+        dp_size=world_size, batch_num_tokens=int(tokens), global_batch_size=NUM_SEQUENCES, loss_scale_factor=None
+    )
+    half = len(padded) // 2
+    with train_batch_call(data):
+        for call, rows in enumerate((slice(0, half), slice(half, None))):
+            old = padded["old_log_probs"][rows]
+            if rank == bad_rank and call == bad_call:
+                old = old[:, :-1]
+            micro = tu.index_select_tensor_dict(data, torch.arange(len(padded))[rows])
+            with loss_call(dist.group.WORLD, micro):
+                try:
+                    get_policy_loss_fn(loss_mode)(
+                        old_log_prob=old,
+                        log_prob=padded["old_log_probs"][rows].clone().requires_grad_(),
+                        advantages=padded["advantages"][rows],
+                        response_mask=padded["response_mask"][rows].bool(),
+                        config=config,
+                    )
+                except CovarianceInputError as error:
+                    return call, str(error)
+    return None, None
+
+
+CASES = [
+    (loss_mode, bad_call)
+    for loss_mode in ("cw_grpo_minibatch", "cw_grpo_group", "cw_grpo_microbatch")
+    for bad_call in (0, 1)
+]
+
+
+def every_case(rank, world_size):
+    # Every rank stops at the same call of each case, so the ranks stay in step from one case to the next.
+    return [loss_calls_with_one_bad_micro_batch(rank, world_size, mode, 1, call) for mode, call in CASES]
+
+
+def test_a_bad_micro_batch_on_one_rank_stops_every_rank_at_that_call():
+    """Never one rank raising while the others go on into the backward's collectives and wait forever."""
+    per_rank = run_on_ranks(every_case, 2)
+    for (loss_mode, bad_call), good, bad in zip(CASES, per_rank[0], per_rank[1], strict=True):
+        assert (good[0], bad[0]) == (bad_call, bad_call), loss_mode
+        assert "(4, 11)" in bad[1]  # the bad rank names its malformed tensor
+        assert "rank(s) [1]" in good[1]

@@ -1,4 +1,4 @@
-"""The valid-token PPO surrogate and aggregation equal verl's compute_policy_loss_vanilla + agg_loss."""
+"""The folded-clip PPO surrogate and aggregation equal verl's compute_policy_loss_vanilla + agg_loss."""
 
 import pytest
 import torch
@@ -39,16 +39,11 @@ def test_equals_verls_vanilla_loss(loss_agg_mode, global_info, with_is_weights):
     )
     (expected_grad,) = torch.autograd.grad(expected, log_prob)
 
-    index = mask.flatten().nonzero().squeeze(1)
-    rows = index // mask.shape[1]
+    float_mask = mask.double()
     losses, stats = clipped_surrogate(
-        log_prob.flatten()[index],
-        old.flatten()[index],
-        advantages.flatten()[index],
-        ClipConfig(low=0.2, high=0.28, dual=2.0),
-        None if is_weights is None else is_weights.flatten()[index],
+        log_prob, old, advantages * float_mask, float_mask, ClipConfig(low=0.2, high=0.28, dual=2.0), is_weights
     )
-    loss = aggregate(losses, rows, Aggregation(loss_agg_mode, mask.shape[0], mask.shape[1], **info))
+    loss = aggregate(losses, float_mask, Aggregation(loss_agg_mode, **info))
     (grad,) = torch.autograd.grad(loss, log_prob)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-15)
@@ -63,23 +58,31 @@ def test_equals_verls_vanilla_loss(loss_agg_mode, global_info, with_is_weights):
 
 def test_half_precision_log_probs_are_computed_in_float32():
     log_prob, old, advantages, mask, _ = inputs()
-    index = mask.flatten().nonzero().squeeze(1)
     bf16 = log_prob.detach().to(torch.bfloat16).requires_grad_()
     losses, _ = clipped_surrogate(
-        bf16.flatten()[index],
-        old.flatten()[index].to(torch.bfloat16),
-        advantages.flatten()[index].float(),
-        ClipConfig(0.2, 0.2, 3.0),
+        bf16, old.to(torch.bfloat16), advantages.float() * mask, mask.float(), ClipConfig(0.2, 0.2, 3.0)
     )
     assert losses.dtype == torch.float32
     losses.sum().backward()
     assert bf16.grad.dtype == torch.bfloat16
 
 
+def test_no_valid_token_gives_zero_not_nan():
+    log_prob, old, advantages, _, _ = inputs()
+    mask = torch.zeros(log_prob.shape, dtype=torch.float64)
+    losses, stats = clipped_surrogate(log_prob, old, advantages * mask, mask, ClipConfig(0.2, 0.2, 3.0))
+    for mode in LOSS_AGG_MODES:
+        loss = aggregate(losses, mask, Aggregation(mode))
+        assert loss.item() == 0.0
+        (grad,) = torch.autograd.grad(loss, log_prob, retain_graph=True)
+        assert torch.all(grad == 0)
+    assert stats.tolist() == [0.0, 0.0, 0.0]
+
+
 def test_invalid_settings_raise_like_verl():
     with pytest.raises(ValueError, match="clip_ratio_c must be > 1.0"):
         ClipConfig(0.2, 0.2, 1.0)
     with pytest.raises(ValueError, match="Invalid loss_agg_mode"):
-        Aggregation("seq-sum", 2, 3)
+        Aggregation("seq-sum")
     with pytest.raises(ValueError, match="batch_num_tokens is required"):
-        Aggregation("token-mean", 2, 3, dp_size=2)
+        Aggregation("token-mean", dp_size=2)

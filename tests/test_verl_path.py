@@ -271,3 +271,83 @@ def test_malformed_loss_inputs_raise_a_precise_error():
     args["advantages"] = batch["advantages"][:, :3]
     with pytest.raises(CovarianceInputError, match=r"same \[batch, length\] shape"):
         get_policy_loss_fn("cw_grpo_microbatch")(**args)
+
+
+# --- the workers' last line of defence: cw_grpo advantages never train with a non-CW loss ----------
+
+
+def test_cw_advantages_are_marked_through_verls_own_batch_plumbing():
+    """Set in the driver (compute_advantage's meta_info), carried by DataProto.to_tensordict and verl's
+    mini-batch iterator to the batch BaseEngine.train_batch sees."""
+    from cw_verl.patches.advantage_source import MARK, marked_estimator
+    from verl import DataProto
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+    from verl.utils import tensordict_utils as tu
+
+    def advantages(estimator):
+        data = DataProto.from_dict(
+            tensors={"token_level_rewards": torch.ones(8, 3), "response_mask": torch.ones(8, 3)},
+            non_tensors={"uid": np.array([f"p{i // 4}" for i in range(8)], dtype=object)},
+        )
+        return compute_advantage(data, adv_estimator=estimator, num_repeat=4)
+
+    assert MARK not in advantages("grpo").meta_info
+    minis = list(tu.make_iterator(advantages("cw_grpo").to_tensordict(), mini_batch_size=4, epochs=1))
+    assert [marked_estimator(mini) for mini in minis] == ["cw_grpo", "cw_grpo"]
+
+
+def test_v1_trainer_marks_its_transfer_queue_batch():
+    import types
+
+    from cw_verl.patches.advantage_source import MARK, patch_v1_compute_advantage
+
+    class Trainer:
+        def _compute_advantage(self, batch, metrics):
+            return batch
+
+    module = types.SimpleNamespace(PPOTrainer=Trainer)
+    patch_v1_compute_advantage(module)
+    for estimator, expected in (("cw_grpo", {MARK: "cw_grpo"}), ("grpo", {})):
+        trainer = Trainer()
+        trainer.config = types.SimpleNamespace(algorithm=types.SimpleNamespace(adv_estimator=estimator))
+        assert trainer._compute_advantage(types.SimpleNamespace(extra_info={}), {}).extra_info == expected
+
+
+def guarded_step(rank, world_size, loss_mode, mark):
+    from cw_verl.config_rules import ConfigConflictError
+
+    try:
+        train_step(rank, world_size, loss_mode, 4, mark=mark)
+    except ConfigConflictError as error:
+        return str(error)
+    return None
+
+
+def test_a_cw_marked_batch_with_a_non_cw_loss_stops_every_rank():
+    errors = run_on_ranks(guarded_step, 2, "vanilla", "cw_grpo")
+    assert all(error is not None and "loss_mode=vanilla" in error for error in errors)
+    assert run_on_ranks(guarded_step, 2, "cw_grpo", "cw_grpo") == [None, None]
+    assert guarded_step(0, 1, "vanilla", None) is None  # unmarked batches train with any loss
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_table1_thresholds_are_exact_order_statistics_on_either_path(on_device):
+    """numpy's nested selection (CPU) and the device sort (GPU) pick the same order statistics."""
+    import math
+
+    from cw_verl.verl_losses import TABLE1_PERCENTILES, order_statistics
+
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(seed)
+        rows, length = int(torch.randint(1, 6, (1,), generator=gen)), int(torch.randint(1, 300, (1,), generator=gen))
+        valid = (torch.rand(rows, length, generator=gen) < 0.6).float()
+        cov = torch.randn(rows, length, generator=gen) * torch.rand(rows, length, generator=gen).pow(3) * valid
+        n = int(valid.sum())
+        got = order_statistics(cov, valid, valid.sum(), on_device=on_device)
+        if n == 0:
+            assert got.tolist() == [0.0] * 8
+            continue
+        ascending = np.sort(cov[valid.bool()].numpy())
+        ks = [max(1, math.ceil(fraction * n)) for fraction, _ in TABLE1_PERCENTILES]
+        expected = [ascending[n - k] for k in ks] + [ascending[k - 1] for k in ks]
+        np.testing.assert_array_equal(got.numpy().astype(np.float32), np.asarray(expected, dtype=np.float32))

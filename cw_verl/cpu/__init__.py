@@ -8,7 +8,7 @@ otherwise; :mod:`cw_verl.cpu.supervise` bounds a run's waits and ends all its pr
 :mod:`cw_verl.cpu.sampler` is verl's replay buffer with a short poll for tiny runs. Without Ray,
 :mod:`cw_verl.cpu.harness` builds verl's actor worker (FSDP2 or Megatron) and drives it the way verl's
 trainer does and :mod:`cw_verl.cpu.launch` starts the gloo ranks; :mod:`cw_verl.cpu.tiny_model` builds a
-tiny Llama and a character tokenizer locally; :mod:`cw_verl.cpu.studies` and
-:mod:`cw_verl.cpu.megatron_study` are the measurements the tests and benchmarks share. None of this is
+tiny Llama and a character tokenizer locally; :mod:`cw_verl.cpu.studies` holds the measurements the
+tests and benchmarks share (on a saved batch: this package does not import the demo). None of this is
 used on a GPU cluster.
 """

@@ -1,12 +1,12 @@
 """How one actor update depends on micro-batching, on verl's real actor path (a test and benchmark aid).
 
 :func:`updates_per_variant` runs in every rank of a gloo group (:func:`cw_verl.cpu.launch.run_ranks`):
-it loads one RL batch sampled with the demo's pipeline (:func:`save_shared_batch`: rollout, exact-match
-reward, verl's old log-probs, GRPO advantages, the prompts' ``uid``), then for each :class:`Variant`
-builds a fresh actor from the same
-checkpoint, makes one update through ``TrainingWorker.train_mini_batch`` (verl's FSDP2 engine,
-micro-batching, ``ppo_loss`` and the registered policy loss) and records the full parameter change and
-the per-token CW-GRPO weights each loss call used.
+it loads one saved RL batch (e.g. :func:`cw_verl.demo.batch.save_shared_batch`: the demo's rollout,
+exact-match reward, verl's old log-probs, GRPO advantages, the prompts' ``uid``), then for each
+:class:`Variant` builds a fresh actor from the same checkpoint, makes one update through
+``TrainingWorker.train_mini_batch`` (verl's FSDP2 engine, micro-batching, ``ppo_loss`` and the registered
+policy loss) and records the full parameter change and the per-token CW-GRPO weights each loss call used,
+each row identified by a ``ROW_ID`` field that verl carries through its micro-batching.
 """
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 
+import numpy as np
 import torch
+
+ROW_ID = "cw_row_id"
+"""Non-tensor batch field: each row's index in the saved batch (verl's micro-batches carry it along)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,48 +39,18 @@ class Variant:
         return f"dynamic<={self.max_token_len} tokens" if self.max_token_len else f"{self.micro_batch_size} seq"
 
 
-def save_shared_batch(rank: int, world_size: int, model_path: str, prompts: int, group_size: int, seed: int, path):
-    """Sample one RL batch with the checkpoint's policy and save it to ``path`` (run it on one rank), so
-    that runs on any number of ranks update on the very same batch."""
-    from cw_verl.cpu import harness
-
-    actor = harness.build_actor(harness.ActorSetup(model_path=model_path, rollout_n=group_size, ppo_mini_batch_size=1))
-    batch = shared_batch(actor, model_path, prompts, group_size, seed)
-    if rank == 0:
-        torch.save(batch, path)
-
-
-def shared_batch(actor, model_path: str, prompts: int, group_size: int, seed: int):
-    """One RL step's batch (identical on every rank), as verl's trainer hands it to ``update_actor``."""
-    from verl.trainer.config import AlgoConfig
-    from verl.trainer.ppo.ray_trainer import compute_advantage
-
-    from cw_verl.cpu import harness
-    from cw_verl.demo.rollout import Rollout, to_data_proto
-    from cw_verl.demo.task import STREAM_RL, ReversalTask
-
-    task = ReversalTask()
-    rollout = Rollout(model_path, task, temperature=1.0)
-    rollout.sync_weights(actor)
-    batch = to_data_proto(rollout.sample(task.sample(prompts, seed, STREAM_RL, 1), group_size, seed, 1), task)
-    log_probs, _ = harness.compute_log_prob(actor, harness.actor_chunk(actor, batch))
-    batch.batch["old_log_probs"] = harness.actor_gather_rows(actor, log_probs)
-    batch = compute_advantage(
-        batch, adv_estimator="grpo", num_repeat=group_size, config=AlgoConfig(adv_estimator="grpo")
-    )
-    keys = ["prompts", "responses", "input_ids", "attention_mask", "position_ids", "response_mask"]
-    return batch.select(batch_keys=keys + ["old_log_probs", "advantages"], non_tensor_batch_keys=["uid"])
-
-
 @contextmanager
 def recorded_weights():
-    """Record ``(old_log_prob rows, response_mask rows, weights)`` of every CW-GRPO loss call in this rank."""
+    """Record ``(row ids, weights)`` of every CW-GRPO loss call in this rank (``ROW_ID`` of the micro-batch's
+    rows, and the ``[b, T]`` weights the call applied)."""
+    from verl.utils import tensordict_utils as tu
+
     from cw_verl import verl_losses
 
     calls = []
 
-    def record(old_log_prob, response_mask, weights):
-        calls.append((old_log_prob.detach().clone(), response_mask.clone(), weights.detach().clone()))
+    def record(micro_batch, response_mask, weights):
+        calls.append((list(tu.get(micro_batch, ROW_ID)), weights.detach().clone()))
 
     verl_losses.weight_observers.append(record)
     try:
@@ -86,22 +60,18 @@ def recorded_weights():
 
 
 def _weights_by_row(calls, batch) -> torch.Tensor:
-    """Each batch row's weights, found by matching a call's rows to the batch's by their old log-probs."""
-    old = batch.batch["old_log_probs"]
+    """Each batch row's weights, placed by the ``ROW_ID`` of the rows each loss call saw."""
     mask = batch.batch["response_mask"].bool()
-    weights = torch.ones(old.shape, dtype=torch.float64)
-    found = torch.zeros(len(old), dtype=torch.bool)
-    for call_old, call_mask, call_weights in calls:
-        for row in range(call_old.shape[0]):
-            valid = call_mask[row].bool()
-            length = int(valid.sum())
-            if length == 0:
-                continue
-            candidates = (mask.sum(1) == length) & (old[:, :length] == call_old[row, :length]).all(1) & ~found
-            index = int(torch.nonzero(candidates)[0, 0])  # identical responses: the first one not yet placed
+    weights = torch.ones(mask.shape, dtype=torch.float64)
+    position = {int(row_id): index for index, row_id in enumerate(batch.non_tensor_batch[ROW_ID])}
+    seen = torch.zeros(len(mask), dtype=torch.bool)
+    for row_ids, call_weights in calls:
+        for row, row_id in enumerate(row_ids):
+            index = position[int(row_id)]
+            length = int(mask[index].sum())
             weights[index, :length] = call_weights[row, :length].double()
-            found[index] = True
-    if not bool(found[mask.any(1)].all()):
+            seen[index] = True
+    if not bool(seen[mask.any(1)].all()):
         raise RuntimeError("some rows' weights were not seen in any loss call")
     return weights
 
@@ -117,6 +87,7 @@ def updates_per_variant(
     from cw_verl.cpu import harness
 
     batch = torch.load(batch_path, weights_only=False)
+    batch.non_tensor_batch[ROW_ID] = np.arange(len(batch), dtype=object)
     group_size = int(len(batch) // len(set(batch.non_tensor_batch["uid"])))
     results = {}
     for variant in variants:

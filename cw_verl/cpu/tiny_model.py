@@ -20,6 +20,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+VOCAB_MULTIPLE = 8  # tensor parallelism up to 8 ranks
 # verl's agent loop renders every prompt through the tokenizer's chat template. This one is the
 # identity on a conversation's text: a prompt is exactly its messages' contents, no role markers, and
 # the generation prompt adds nothing, so main_ppo's rollouts see what the harness's rollouts see.
@@ -39,7 +40,8 @@ class TinyModelSpec:
 
 
 def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
-    """One token per character of ``alphabet`` (ids from 2), ``<pad>`` (id 0), ``<eos>`` (id 1) and ``<unk>`` (last).
+    """One token per character of ``alphabet`` (ids from 2), ``<pad>`` (id 0), ``<eos>`` (id 1), ``<unk>``,
+    then reserved tokens up to a multiple of :data:`VOCAB_MULTIPLE`.
 
     ``<unk>`` stands for any character outside the alphabet. Task code checks its own text
     (:func:`cw_verl.demo.task.encode` refuses foreign characters); the tokenizer itself must not fail on
@@ -50,6 +52,10 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
     vocab = {PAD: 0, EOS: 1}
     vocab.update({ch: i + 2 for i, ch in enumerate(alphabet)})
     vocab[UNK] = len(vocab)
+    # Megatron splits the embedding and output rows evenly over tensor-parallel ranks, and verl passes no
+    # vocabulary padding to mbridge: reserved tokens make the vocabulary a multiple of VOCAB_MULTIPLE.
+    while len(vocab) % VOCAB_MULTIPLE:
+        vocab[f"<reserved_{len(vocab)}>"] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # Every character is its own pre-token, so the word-level model maps characters to ids. "[\s\S]", not
     # ".": a regex dot never matches "\n", which would then silently vanish from the ids.

@@ -95,3 +95,15 @@ def test_saved_tokenizer_round_trips_every_character_through_auto_tokenizer(tmp_
     assert len(ids) == len(text)
     assert loaded.decode(ids) == text
     assert ids == tokenizer(text).input_ids
+
+
+def test_tiny_vocabulary_splits_evenly_over_tensor_parallel_ranks():
+    """Megatron divides the embedding rows by the TP size and verl asks mbridge for no padding: the tiny
+    vocabulary is padded with reserved tokens, and every id (reserved ones included) decodes."""
+    from cw_verl.cpu.tiny_model import VOCAB_MULTIPLE
+    from cw_verl.demo.task import ALPHABET
+
+    for alphabet in (ALPHABET, "ab", "abcdefgh"):
+        tokenizer = build_char_tokenizer(alphabet)
+        assert len(tokenizer) % VOCAB_MULTIPLE == 0 and len(tokenizer) >= len(alphabet) + 3
+        assert all(isinstance(tokenizer.decode([i]), str) for i in range(len(tokenizer)))

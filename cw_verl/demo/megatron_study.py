@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from cw_verl.cpu.studies import Variant, shared_batch, updates_per_variant
+from cw_verl.cpu.studies import Variant, updates_per_variant
+from cw_verl.demo.batch import shared_batch
 
 MEGATRON = {"strategy": "megatron"}
 # Named layouts: ActorSetup keys; the data-parallel size is what the launch's world size leaves.
