@@ -25,8 +25,10 @@ class ConfigConflictError(ValueError):
 
 
 def cw_loss_modes() -> set[str]:
-    """Policy-loss names that implement CW-GRPO (one per statistics scope)."""
-    return set(LOSS_MODES)
+    """Policy-loss names that implement CW-GRPO (one per statistics scope, and the authors' released objective)."""
+    from cw_verl.authors_loss import AUTHORS_LOSS_MODE
+
+    return set(LOSS_MODES) | {AUTHORS_LOSS_MODE}
 
 
 def explicit_override_keys(overrides: list[str]) -> set[str]:
