@@ -1,4 +1,4 @@
-"""``python -m cw_verl [check|demo|plot]``.
+"""``python -m cw_verl [check|demo|plot|study]``.
 
 ``check`` (the default) imports verl the way every verl process does and reports what cw_verl
 registered and patched, and what is wrong; it exits non-zero on any problem, because verl itself
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="report registrations and patches (default)")
     sub.add_parser("demo", help="CW-GRPO vs GRPO on verl's engine on CPU", add_help=False)
     sub.add_parser("plot", help="figure from verl file-logger JSONL", add_help=False)
+    sub.add_parser("study", help="GRPO vs CW-GRPO vs the authors' objective over seeds", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from cw_verl.demo.cli import main as demo_main
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         from cw_verl.demo.plot import main as plot_main
 
         return plot_main(rest)
+    if args.command == "study":
+        from cw_verl.demo.study import main as study_main
+
+        return study_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return 1 if run_check() else 0
