@@ -26,15 +26,22 @@ def _register_with_core_algos(core_algos) -> None:
     core_algos.register_policy_loss(AUTHORS_LOSS_MODE)(compute_policy_loss_cw_grpo_authors)
 
 
+def _patch_v1_trainer(trainer_base) -> None:
+    from cw_verl.patches import reward_metrics, whole_groups
+
+    whole_groups.patch(trainer_base)
+    reward_metrics.patch(trainer_base)
+
+
 def _hooks():
-    from cw_verl.patches import engine_context, v1_multi_trajectory, validate_config, whole_groups
+    from cw_verl.patches import engine_context, v1_multi_trajectory, validate_config
 
     return {
         "verl.trainer.ppo.core_algos": _register_with_core_algos,
         "verl.workers.engine.base": engine_context.patch,
         "verl.utils.config": validate_config.patch,
         "verl.trainer.ppo.v1.utils": v1_multi_trajectory.patch,
-        "verl.trainer.ppo.v1.trainer_base": whole_groups.patch,
+        "verl.trainer.ppo.v1.trainer_base": _patch_v1_trainer,
     }
 
 
