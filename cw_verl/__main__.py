@@ -80,6 +80,26 @@ def run_check() -> list[str]:
             getattr(v1_utils.compute_advantage_for_multi_trajectories, "_cw_verl_multi_trajectory", False),
             "v1 trainer's multi-trajectory advantages treat cw_grpo as GRPO",
         )
+    from cw_verl.authors_loss import AUTHORS_LOSS_MODE
+
+    report(
+        AUTHORS_LOSS_MODE in core_algos.POLICY_LOSS_REGISTRY,
+        f"actor.policy_loss.loss_mode={AUTHORS_LOSS_MODE} registered (the authors' released objective)",
+    )
+    try:
+        trainer_base = importlib.import_module("verl.trainer.ppo.v1.trainer_base")
+    except ImportError as error:
+        report(False, f"verl's v1 trainer imports ({error})", f"verl's v1 trainer cannot be imported: {error}")
+    else:
+        trainer = trainer_base.PPOTrainer
+        report(
+            getattr(trainer._balance_batch, "_cw_verl_whole_groups", False),
+            f"v1 trainer keeps prompt groups whole for {AUTHORS_LOSS_MODE}",
+        )
+        report(
+            getattr(trainer._compute_metrics, "_cw_verl_reward_metrics", False),
+            "v1 trainer logs cw_verl's reward diagnostics per step",
+        )
     print("OK: cw_verl is active in verl" if not problems else f"{len(problems)} problem(s): " + "; ".join(problems))
     return problems
 
