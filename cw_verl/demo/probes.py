@@ -76,3 +76,53 @@ def weight_gradient_terms(model, batch, temperature: float) -> dict[str, float]:
         "relative_norm": own.norm().item() / rest_norm if rest_norm > 0 else float("nan"),
         "cosine": (own @ flat_rest / (own.norm() * flat_rest.norm())).item() if rest_norm > 0 else float("nan"),
     }
+
+
+def compare_objectives(model, batch, temperature: float) -> dict[str, float]:
+    """The first update's gradient under three objectives on one batch (seq-mean-token-mean, on-policy):
+    GRPO (weights 1), the paper's text with its group scope (``cw_grpo_group``: detached weights, token
+    means over the group) and the authors' released objective (``cw_grpo_authors``). Returns the relative
+    differences between them and the weights' statistics."""
+    from cw_verl.verl_losses import uid_keys
+    from cw_verl.weights import covariance_weights
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    tensors = batch.batch
+    mask = tensors["response_mask"].bool()
+    uids = list(batch.non_tensor_batch["uid"])
+    log_prob = response_log_probs(model, batch, temperature)
+    seq_adv = sequence_advantages(tensors["advantages"].float(), mask)
+    ratio = torch.exp(log_prob - log_prob.detach())
+    groups = Groups.from_labels(uids)
+    authors = authors_weights(log_prob, seq_adv, mask, groups).weights
+    paper, _, _ = covariance_weights(
+        log_prob.detach(),
+        seq_adv[:, None].expand_as(log_prob),
+        mask,
+        row_keys=uid_keys(uids),
+        max_segments=groups.count,
+    )
+
+    def gradient(weights):
+        token_loss = -(weights * ratio * seq_adv[:, None]) * mask
+        loss = (token_loss.sum(1) / mask.sum(1).clamp(min=1)).mean()
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        return torch.cat([g.flatten() for g in grads]).double()
+
+    grpo, text, released = gradient(torch.ones_like(log_prob)), gradient(paper.float()), gradient(authors)
+    own = released - gradient(authors.detach())
+
+    def relative(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    a, p = authors.detach()[mask].double(), paper[mask].double()
+    return {
+        "paper_vs_grpo": relative(text, grpo),
+        "authors_vs_grpo": relative(released, grpo),
+        "authors_vs_paper": relative(released, text),
+        "weights_term_vs_rest": own.norm().item() / (released - own).norm().item(),
+        "authors_weight_mean": a.mean().item(),
+        "authors_frac_below_half": (a < 0.5).double().mean().item(),
+        "paper_frac_below_half": (p < 0.5).double().mean().item(),
+        "weights_correlation": torch.corrcoef(torch.stack([a, p]))[0, 1].item(),
+    }

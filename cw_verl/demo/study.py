@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-agg-mode", default="seq-mean-token-mean", help="verl's actor.loss_agg_mode, for every arm")
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="one seed, 3 steps: checks the wiring")
+    p.add_argument(
+        "--first-update",
+        action="store_true",
+        help="no training: per seed, compare the first update's gradient under GRPO, cw_grpo_group and cw_grpo_authors",
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per arm before its ranks are killed")
     return p
 
@@ -96,6 +101,22 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], seeds: list[in
     return "\n".join(lines)
 
 
+def first_update(rank: int, world_size: int, cfg: RunConfig) -> dict[str, float]:
+    """One rank: the step-1 batch of ``cfg`` sampled from its model, then :func:`probes.compare_objectives`."""
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    from cw_verl.demo import probes
+    from cw_verl.demo.rollout import Rollout, to_data_proto
+    from cw_verl.demo.task import STREAM_RL
+
+    rollout = Rollout(cfg.model_path, cfg.task, cfg.temperature)
+    prompts = cfg.task.sample(cfg.prompts_per_step, cfg.seed, STREAM_RL, 1)
+    batch = to_data_proto(rollout.sample(prompts, cfg.group_size, cfg.seed, 1), cfg.task)
+    batch = compute_advantage(batch, adv_estimator="grpo", num_repeat=cfg.group_size, config=AlgoConfig())
+    return probes.compare_objectives(rollout.model, batch, cfg.temperature)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     quiet_known_warnings()
@@ -120,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     runs: dict[str, list[dict[str, float]]] = {arm.name: [] for arm in arms}
     window = min(10, max(1, steps // 5))
+    comparisons = []
     for seed in seeds:
         seed_dir = out_dir / f"seed{seed}"
         model_path, info = build_demo_model(seed_dir / "model", task, TinyModelSpec(), WarmStart(), seed)
@@ -128,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             model_path=str(model_path), out_dir=str(seed_dir), task=task, steps=steps, seed=seed, **config_kwargs
         )
         cfg.validate(args.world_size)
+        if args.first_update:
+            comparisons.append(run_ranks(first_update, 1, cfg, timeout_s=args.timeout)[0])
+            print(f"[study] seed {seed} first update: {json.dumps(comparisons[-1])}", flush=True)
+            continue
         for arm in arms:
             arm_start = time.perf_counter()
             result = run_ranks(run_arm, args.world_size, cfg, arm, timeout_s=args.timeout)[0]
@@ -139,6 +165,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"({time.perf_counter() - arm_start:.0f} s)",
                 flush=True,
             )
+    if args.first_update:
+        stats = aggregate(comparisons)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "first_update.json").write_text(
+            json.dumps({"seeds": seeds, "per_seed": comparisons, "aggregate": stats})
+        )
+        lines = ["| quantity | mean ± std (min–max) |", "| --- | --- |"]
+        lines += [
+            f"| {k} | {s['mean']:.4f} ± {s['std']:.4f} ({s['min']:.4f}–{s['max']:.4f}) |" for k, s in stats.items()
+        ]
+        print("\n".join(lines) + f"\n\n{len(seeds)} seed(s), first update, {config_kwargs['loss_agg_mode']}")
+        return 0
     results = {name: aggregate(per_seed) for name, per_seed in runs.items()}
     table = format_table(results, seeds)
     report = {
