@@ -4,9 +4,10 @@ score = accuracy + format (their 1.5B recipe, weights 1 and 1) or accuracy alone
 
 * accuracy: the gold is parsed from the problem's full *solution* text (math-verify's default targets,
   first match), the prediction from the whole completion (LaTeX, boxed first, equations normalised, no
-  unanchored guesses, first match), then math-verify's equivalence. Their code returns ``None`` (the
-  sample is skipped) when the gold does not parse or verification raises; verl has no skipped sample, so
-  here it scores 0 with ``scoring_failed=1``, logged and counted. A gold that math-verify can only keep
+  unanchored guesses, first match), then math-verify's equivalence. Their code returns ``None`` when the
+  gold does not parse or verification raises, and their vendored trl then fails building a float tensor
+  from the rewards (no sample is skipped: a step that met it would have stopped the run); here it scores 0 with
+  ``scoring_failed=1``, logged and counted. A gold that math-verify can only keep
   as text is still compared, as they did, and flagged ``gold_is_text=1``.
 * format: 1 when the completion contains ``"\\n</think>\\n"`` exactly once.
 
