@@ -27,9 +27,9 @@ from cw_verl.demo.warmstart import WarmStart
 
 DEFAULT_ARMS = "grpo,cw_grpo,cw_grpo_authors"
 COLUMNS = (
-    ("reward, last 10", "reward_end", "{:.3f}"),
+    ("reward, last {window}", "reward_end", "{:.3f}"),
     ("held-out acc. end", "val_end", "{:.3f}"),
-    ("entropy, last 10", "entropy_end", "{:.3f}"),
+    ("entropy, last {window}", "entropy_end", "{:.3f}"),
     ("entropy min", "entropy_min", "{:.3f}"),
     ("tokens w~ < 0.5", "frac_below_half", "{:.2%}"),
     ("weights' grad term / rest, step 1", "weights_grad_rel_norm", "{:.3f}"),
@@ -82,9 +82,9 @@ def aggregate(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def format_table(results: dict[str, dict[str, dict[str, float]]], seeds: list[int]) -> str:
+def format_table(results: dict[str, dict[str, dict[str, float]]], seeds: list[int], window: int = 10) -> str:
     """Markdown: per arm, mean ± sample std over seeds (min-max below)."""
-    header = ["arm"] + [title for title, _, _ in COLUMNS]
+    header = ["arm"] + [title.format(window=window) for title, _, _ in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for arm, stats in results.items():
         cells = [arm]
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines) + f"\n\n{len(seeds)} seed(s), first update, {config_kwargs['loss_agg_mode']}")
         return 0
     results = {name: aggregate(per_seed) for name, per_seed in runs.items()}
-    table = format_table(results, seeds)
+    table = format_table(results, seeds, window)
     report = {
         "seeds": seeds,
         "steps": steps,
