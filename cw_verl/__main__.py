@@ -1,4 +1,4 @@
-"""``python -m cw_verl [check|demo|trainer-demo|plot]``.
+"""``python -m cw_verl [check|demo|trainer-demo|plot|study]``.
 
 ``check`` (the default) imports verl the way every verl process does and reports what cw_verl
 registered and patched, and what is wrong; it exits non-zero on any problem, because verl itself
@@ -59,6 +59,12 @@ def run_check() -> list[str]:
     for name, scope in LOSS_MODES.items():
         note = f" (default: {DEFAULT_SCOPE} scope)" if name == CW_GRPO else f" ({scope} scope)"
         report(name in core_algos.POLICY_LOSS_REGISTRY, f"actor.policy_loss.loss_mode={name} registered{note}")
+    from cw_verl.authors_loss import AUTHORS_LOSS_MODE
+
+    report(
+        AUTHORS_LOSS_MODE in core_algos.POLICY_LOSS_REGISTRY,
+        f"actor.policy_loss.loss_mode={AUTHORS_LOSS_MODE} registered (the authors' released objective)",
+    )
 
     from verl.workers.engine.base import BaseEngine
 
@@ -93,6 +99,14 @@ def run_check() -> list[str]:
             getattr(v1_trainer.PPOTrainer._compute_advantage, "_cw_verl_advantage_source", False),
             "v1 trainer marks cw_grpo advantages for the workers' check",
         )
+        report(
+            getattr(v1_trainer.PPOTrainer._balance_batch, "_cw_verl_whole_groups", False),
+            f"v1 trainer keeps prompt groups whole for {AUTHORS_LOSS_MODE}",
+        )
+        report(
+            getattr(v1_trainer.PPOTrainer._compute_metrics, "_cw_verl_reward_metrics", False),
+            "v1 trainer logs cw_verl's reward diagnostics per step",
+        )
     print("OK: cw_verl is active in verl" if not problems else f"{len(problems)} problem(s): " + "; ".join(problems))
     return problems
 
@@ -104,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="CW-GRPO vs GRPO on verl's engine on CPU (harness, fast)", add_help=False)
     sub.add_parser("trainer-demo", help="CW-GRPO vs GRPO through verl's main_ppo on CPU (make demo)", add_help=False)
     sub.add_parser("plot", help="figure from verl file-logger JSONL", add_help=False)
+    sub.add_parser("study", help="GRPO vs CW-GRPO vs the authors' objective over seeds", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from cw_verl.demo.cli import main as demo_main
@@ -117,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         from cw_verl.demo.plot import main as plot_main
 
         return plot_main(rest)
+    if args.command == "study":
+        from cw_verl.demo.study import main as study_main
+
+        return study_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return 1 if run_check() else 0

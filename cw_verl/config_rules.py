@@ -170,3 +170,8 @@ def group_scope_needs_whole_groups(config: DictConfig, launch: Launch) -> None:
             f"actor_rollout_ref.actor.ppo_mini_batch_size={launch.prompts_per_update}, or use {CW_GRPO} (the "
             "mini-batch scope)."
         )
+
+
+# Modules that add a CW loss mode (to verl_losses.POLICY_LOSSES) or a rule (with @config_rule); imported
+# last because they import this module.
+from cw_verl import authors_loss, whole_groups  # noqa: E402, F401

@@ -16,6 +16,8 @@ INSTALLED_HOOKS: list[str] = []
 
 
 def _register_with_core_algos(core_algos) -> None:
+    # config_rules imports every module that adds a CW loss mode to POLICY_LOSSES (cw_grpo_authors).
+    from cw_verl import config_rules  # noqa: F401
     from cw_verl.patches import advantage_source
     from cw_verl.verl_losses import CW_GRPO, POLICY_LOSSES, compute_cw_grpo_outcome_advantage
 
@@ -23,6 +25,14 @@ def _register_with_core_algos(core_algos) -> None:
         core_algos.register_policy_loss(name)(policy_loss)
     core_algos.register_adv_est(CW_GRPO)(compute_cw_grpo_outcome_advantage)
     advantage_source.patch_policy_loss_lookup(core_algos)
+
+
+def _patch_v1_trainer(trainer_base) -> None:
+    from cw_verl.patches import advantage_source, reward_metrics, whole_groups
+
+    advantage_source.patch_v1_compute_advantage(trainer_base)
+    whole_groups.patch(trainer_base)
+    reward_metrics.patch(trainer_base)
 
 
 def _hooks():
@@ -34,8 +44,8 @@ def _hooks():
         "verl.utils.config": entry_points.patch_validate_config,
         "verl.trainer.main_ppo": entry_points.patch_run_ppo,
         "verl.trainer.ppo.ray_trainer": advantage_source.patch_compute_advantage,
-        "verl.trainer.ppo.v1.trainer_base": advantage_source.patch_v1_compute_advantage,
         "verl.trainer.ppo.v1.utils": v1_multi_trajectory.patch,
+        "verl.trainer.ppo.v1.trainer_base": _patch_v1_trainer,
     }
 
 

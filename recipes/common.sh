@@ -5,6 +5,8 @@
 # the paper's trl settings to verl's is explained in recipes/README.md.
 #
 #   ARM=grpo|clip_cov|cw_grpo  selects the Table 2 row; nothing else differs between arms.
+#   ARM=cw_grpo_authors        the authors' released objective and reward rules (recipes/README.md).
+#   MEMORY_PROFILE=80gb|141gb  parallelism and vLLM share for the GPUs' memory (set by the wrapper).
 #   DRY_RUN=1                  prints the command and checks it against verl's config; needs no GPU.
 #   Extra arguments are appended as Hydra overrides (they are checked too).
 #
@@ -31,6 +33,11 @@ abspath() {
 : "${MODEL_PATH:?set by the wrapper script or the environment}"
 : "${MAX_RESPONSE_LENGTH:?set by the wrapper script}"
 : "${ACTOR_TP:?set by the wrapper script}"
+: "${PROMPT_OPENS_THINK:?set by the wrapper script}"
+: "${TOTAL_STEPS:?set by the wrapper script}"
+: "${AUTHORS_FORMAT_REWARD:?set by the wrapper script}"
+: "${MEMORY_PROFILE:?set by the wrapper script}"
+: "${ROLLOUT_GPU_MEMORY:?set by the wrapper script}"
 
 PYTHON=${PYTHON:-python3}
 ARM=${ARM:-cw_grpo}
@@ -43,8 +50,14 @@ case "$ARM" in
     # group). Whole groups are guaranteed here by the one mini-batch per step. CW_LOSS_MODE=cw_grpo takes
     # cw_verl's default mini-batch scope instead (README: statistics scopes).
     cw_grpo) ADV_ESTIMATOR=cw_grpo LOSS_MODE=${CW_LOSS_MODE:-cw_grpo_group} ;;
-    *) die "ARM must be grpo, clip_cov or cw_grpo (got '$ARM')" ;;
+    # What produced the paper's Table 2: the authors' released trl objective (weights on the current
+    # log-probs, with gradient, per group) and their reward rules.
+    cw_grpo_authors) ADV_ESTIMATOR=cw_grpo LOSS_MODE=cw_grpo_authors REWARD=${REWARD:-authors} ;;
+    *) die "ARM must be grpo, clip_cov, cw_grpo or cw_grpo_authors (got '$ARM')" ;;
 esac
+# paper: App. C as written (cw_verl/paper/reward.py); authors: their released rules (cw_verl/paper/authors_reward.py).
+REWARD=${REWARD:-paper}
+[[ "$REWARD" == paper || "$REWARD" == authors ]] || die "REWARD must be paper or authors (got '$REWARD')"
 
 # --- data (python -m cw_verl.paper.data --out "$DATA_DIR") --------------------------------------------
 DATA_DIR=${DATA_DIR:-$HOME/data/cw_grpo}
@@ -64,13 +77,15 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-4}
 ACTOR_PP=${ACTOR_PP:-1}
 ACTOR_CP=${ACTOR_CP:-1}
 ROLLOUT_TP=${ROLLOUT_TP:-1}
-ROLLOUT_GPU_MEMORY=${ROLLOUT_GPU_MEMORY:-0.5}
 OFFLOAD=${OFFLOAD:-0}
+# The launch check compares its per-GPU memory estimate with this (cw_verl/paper/memory.py).
+GPU_MEMORY_GB=${GPU_MEMORY_GB:-${MEMORY_PROFILE%gb}}
 
 # --- the paper's Table 5, in verl's units (recipes/README.md) -----------------------------------------
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-12} # prompts per optimizer step
 N_GENERATIONS=${N_GENERATIONS:-12}
-TOTAL_STEPS=${TOTAL_STEPS:-100}
+# TOTAL_STEPS (wrapper: the authors' 300 / 150) is also the length of the learning-rate schedule: verl sets
+# the optimizer's total_training_steps from it. Table 2 is the global_step_100 checkpoint of such a run.
 LR=${LR:-1e-6}
 MIN_LR=${MIN_LR:-1e-7}
 WARMUP_RATIO=${WARMUP_RATIO:-0.1}
@@ -83,7 +98,15 @@ SEED=${SEED:-42}
 # per GPU (dynamic batching); MICRO_BATCH_PER_GPU=N uses N sequences instead. Memory-bound settings, but
 # Clip-Cov's statistics are per micro-batch in verl (recipes/README.md).
 ACTOR_MAX_TOKENS_PER_GPU=${ACTOR_MAX_TOKENS_PER_GPU:-$((3 * (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH)))}
+if [[ "$LOSS_MODE" == cw_grpo_authors ]]; then
+    # Its weights take gradient through each group's statistics, so a loss call holds whole groups
+    # (cw_verl/whole_groups.py): one group per call, as the released trl code ran. Up to 12 x (prompt +
+    # response) tokens per call need full activation recompute (trl: gradient_checkpointing).
+    MICRO_BATCH_PER_GPU=${MICRO_BATCH_PER_GPU:-$N_GENERATIONS}
+    RECOMPUTE=${RECOMPUTE:-full}
+fi
 MICRO_BATCH_PER_GPU=${MICRO_BATCH_PER_GPU:-}
+RECOMPUTE=${RECOMPUTE:-selective} # selective: verl's default (attention only); full: every layer
 
 # --- outputs -------------------------------------------------------------------------------------------
 RUN_ROOT=${RUN_ROOT:-$PWD/runs}
@@ -126,14 +149,23 @@ loggers=console,file
 offload=$([[ "$OFFLOAD" == 1 ]] && echo True || echo False)
 
 if ! declare -p REWARD_OVERRIDES &>/dev/null; then
-    : "${PROMPT_OPENS_THINK:?set by the wrapper script}"
     opens_think=$([[ "$PROMPT_OPENS_THINK" == 1 ]] && echo True || echo False)
-    # Reward: paper App. C (accuracy + think-tag format), see cw_verl/paper/reward.py.
-    REWARD_OVERRIDES=(
-        reward.custom_reward_function.path=pkg://cw_verl.paper.reward
-        reward.custom_reward_function.name=compute_score
-        "+reward.custom_reward_function.reward_kwargs.prompt_opens_think=$opens_think"
-    )
+    authors_format=$([[ "$AUTHORS_FORMAT_REWARD" == 1 ]] && echo True || echo False)
+    if [[ "$REWARD" == paper ]]; then
+        # Paper App. C (accuracy + think-tag format), see cw_verl/paper/reward.py.
+        REWARD_OVERRIDES=(
+            reward.custom_reward_function.path=pkg://cw_verl.paper.reward
+            reward.custom_reward_function.name=compute_score
+            "+reward.custom_reward_function.reward_kwargs.prompt_opens_think=$opens_think"
+        )
+    else
+        # The authors' rules: accuracy from the solution text (+ their "\n</think>\n" format reward on 1.5B).
+        REWARD_OVERRIDES=(
+            reward.custom_reward_function.path=pkg://cw_verl.paper.authors_reward
+            reward.custom_reward_function.name=compute_score
+            "+reward.custom_reward_function.reward_kwargs.format_reward=$authors_format"
+        )
+    fi
 fi
 
 if [[ "$ACTOR_STRATEGY" == megatron ]]; then
@@ -193,6 +225,7 @@ OVERRIDES=(
     data.prompt_key=prompt
     data.shuffle=True
     "data.seed=$SEED"
+    # Reward: REWARD=paper|authors, or the wrapper's REWARD_OVERRIDES (above).
     "${REWARD_OVERRIDES[@]}"
     # Model and actor/ref engine (Megatron for the paper's runs).
     "actor_rollout_ref.model.path=$MODEL_PATH"
@@ -228,6 +261,13 @@ OVERRIDES=(
     "+ray_kwargs.ray_init.runtime_env.env_vars.TENSORBOARD_DIR=$RUN_DIR/tensorboard"
 )
 
+if [[ "$RECOMPUTE" == full && "$ACTOR_STRATEGY" == megatron ]]; then  # Megatron keys; the CPU FSDP2 profile has none
+    OVERRIDES+=(
+        actor_rollout_ref.actor.megatron.override_transformer_config.recompute_granularity=full
+        actor_rollout_ref.actor.megatron.override_transformer_config.recompute_method=uniform
+        actor_rollout_ref.actor.megatron.override_transformer_config.recompute_num_layers=1
+    )
+fi
 if [[ -n "$MICRO_BATCH_PER_GPU" ]]; then
     OVERRIDES+=(
         actor_rollout_ref.actor.use_dynamic_bsz=False
@@ -248,10 +288,12 @@ if declare -p PROFILE_OVERRIDES &>/dev/null; then
 fi
 
 CMD=("$PYTHON" -m verl.trainer.main_ppo "--config-name=$CONFIG_NAME" "${OVERRIDES[@]}" "$@")
-CHECK=("$PYTHON" -m cw_verl.paper.launch_check --config-name "$CONFIG_NAME")
+CHECK=("$PYTHON" -m cw_verl.paper.launch_check --config-name "$CONFIG_NAME" --gpu-memory-gb "$GPU_MEMORY_GB" --run-dir "$RUN_DIR")
 [[ -n "${DUMP_CONFIG:-}" ]] && CHECK+=(--dump-config "$DUMP_CONFIG")
+# A real launch records its settings in RUN_DIR; a later launch with other settings is refused there.
+[[ "$DRY_RUN" == 1 ]] || CHECK+=(--record)
 
-echo "# $MODEL_TAG, arm $ARM; outputs in $RUN_DIR"
+echo "# $MODEL_TAG, arm $ARM (loss $LOSS_MODE, reward $REWARD), $TOTAL_STEPS steps, memory profile $MEMORY_PROFILE; outputs in $RUN_DIR"
 printf '%q ' "${CMD[@]}"
 echo
 # verl fails on a wrong setting only after Ray and the GPU workers are up; check on the CPU first.

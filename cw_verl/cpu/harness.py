@@ -375,12 +375,14 @@ def train_step(
     max_token_len: int | None = None,
     mini_batch_size: int | None = None,
     shuffle: bool = False,
+    extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """One actor update on this rank's chunk (:func:`actor_chunk`; trainer's ``_update_actor``); returns
     verl's reduced ``actor/*`` metrics, identical on every rank.
 
     ``mini_batch_size`` counts sequences over all ranks (default: ``ppo_mini_batch_size * rollout_n``);
-    the other keyword arguments override the actor's setup for this call only.
+    the other keyword arguments override the actor's setup for this call only. ``extra_meta``: more
+    non-tensor entries for the batch, as a trainer adds them (e.g. ``force_group_size``).
     """
     from verl.utils import tensordict_utils as tu
     from verl.utils.metric import reduce_metrics
@@ -403,6 +405,7 @@ def train_step(
         compute_loss=True,
         temperature=setup.temperature,
         **_batch_override_keys(micro_batch_size, use_dynamic_bsz, max_token_len),
+        **(extra_meta or {}),
     )
     output = actor.worker.train_mini_batch(batch_td)
     reduced = None

@@ -41,7 +41,10 @@ ARMS = {
     "grpo": Arm("grpo", adv_estimator="grpo", loss_mode="vanilla"),
     "cw_grpo": Arm("cw_grpo", adv_estimator="cw_grpo", loss_mode="cw_grpo"),
     "clip_cov": Arm("clip_cov", adv_estimator="grpo", loss_mode="clip_cov"),
+    # The objective of the authors' released code (cw_verl.authors_objective): weights with gradient, per group.
+    "cw_grpo_authors": Arm("cw_grpo_authors", adv_estimator="cw_grpo", loss_mode="cw_grpo_authors"),
 }
+WEIGHT_GRAD_KEY = "actor/cw/weights_grad_rel_norm"
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class RunConfig:
     # The paper's recipe warms the learning rate up over the first 10% of steps (Appendix C).
     lr_warmup_steps_ratio: float = 0.1
     clip_ratio: float = 0.2
+    # verl's actor.loss_agg_mode; the paper's objective (and the authors' code) is seq-mean-token-mean.
+    loss_agg_mode: str = "token-mean"
     temperature: float = 1.0
     seed: int = 0
     val_problems: int = 256
@@ -118,6 +123,7 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
     from verl.utils.debug.metrics import calculate_debug_metrics
     from verl.utils.profiler.performance import simple_timer
 
+    from cw_verl.demo import probes
     from cw_verl.demo.rollout import Rollout, to_data_proto
 
     cfg.validate(world_size)
@@ -133,6 +139,7 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
         lr=cfg.lr,
         lr_warmup_steps_ratio=cfg.lr_warmup_steps_ratio,
         clip_ratio=cfg.clip_ratio,
+        loss_agg_mode=cfg.loss_agg_mode,
         total_training_steps=cfg.steps,
         temperature=cfg.temperature,
         data_loader_seed=cfg.seed,
@@ -198,6 +205,13 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
                         norm_adv_by_std_in_grpo=algo.norm_adv_by_std_in_grpo,
                         config=algo,
                     )
+                if rank == 0 and not arm.loss_mode.startswith("cw_grpo"):
+                    # The paper's Table 1 statistics under GRPO, observed only: the update is untouched.
+                    metrics.update(probes.covariance_percentiles(batch))
+                if rank == 0 and step == 1 and arm.loss_mode == ARMS["cw_grpo_authors"].loss_mode:
+                    terms = probes.weight_gradient_terms(rollout.model, batch, cfg.temperature)
+                    metrics[WEIGHT_GRAD_KEY] = terms["relative_norm"]
+                    metrics["actor/cw/weights_grad_cosine"] = terms["cosine"]
 
                 with simple_timer("update_actor", timing):
                     train_batch = batch.select(

@@ -84,13 +84,20 @@ def build_rows(source: Source, records: list[dict]) -> list[dict]:
                 ],
                 "ability": "math",
                 "reward_model": {"style": "rule", "ground_truth": answer.strip()},
-                "extra_info": {"split": source.split, "index": i},
+                "extra_info": {"split": source.split, "index": i, **_solution(rec)},
             }
         )
     if bad:
         what = f"no \\boxed{{}} answer in '{source.answer_col}'" if source.answer_in_solution else "empty fields"
         raise ValueError(f"{source.key}: rows {bad[:20]} ({len(bad)} in all) have {what}")
     return rows
+
+
+def _solution(record: dict) -> dict:
+    """The full worked solution, where the set has one: the authors' accuracy reward reads its gold from it
+    (cw_verl.paper.authors_reward)."""
+    solution = record.get("solution")
+    return {"solution": solution} if isinstance(solution, str) and solution.strip() else {}
 
 
 def load_records(source: Source, source_dir: Path | None) -> list[dict]:

@@ -16,7 +16,12 @@ verl would only discover on the cluster, or never:
 * the custom reward function loads and accepts the configured ``reward_kwargs``;
 * the advantage estimator and policy loss are registered (a plugin that fails to import is silently
   skipped by ``import verl``);
-* data files exist and have the columns verl reads.
+* data files exist and have the columns verl reads;
+* the installed verl is the one cw_verl's patches were written against;
+* the per-GPU memory estimate of :mod:`cw_verl.paper.memory` fits ``--gpu-memory-gb``;
+* with ``--run-dir``: a checkpoint already in the run directory was written with the same settings
+  (``trainer.resume_mode=auto`` would otherwise silently resume a different run); ``--record`` stores
+  this launch's settings there.
 
 All problems are reported together; the exit status is 1 if there is any.
 """
@@ -24,14 +29,27 @@ All problems are reported together; the exit status is 1 if there is any.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
+import json
 import os
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 CONFIG_NAME = "ppo_megatron_trainer"
 DATA_COLUMNS = {"data_source", "prompt", "reward_model"}
+SETTINGS_FILE = "run_settings.json"
+# Settings that name or pace a run without changing what it computes: they may differ on resume.
+OPERATIONAL_KEYS = (
+    "trainer.logger",
+    "trainer.save_freq",
+    "trainer.test_freq",
+    "trainer.val_before_train",
+    "trainer.max_actor_ckpt_to_keep",
+    "ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH",
+)
 
 
 @dataclass
@@ -55,8 +73,10 @@ def compose(overrides: list[str], config_name: str = CONFIG_NAME):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
-def check(cfg) -> Report:
+def check(cfg, gpu_memory_gb: float | None = None) -> Report:
     report = Report()
+    _check_verl_version(report)
+    _run(report, "cw_verl config rules", _cw_verl_rules, cfg)
     _run(report, "verl validate_config", _verl_validation, cfg)
     actor = _run(report, "actor config", _dataclass, cfg.actor_rollout_ref.actor)
     _run(report, "rollout config", _dataclass, cfg.actor_rollout_ref.rollout)
@@ -65,6 +85,8 @@ def check(cfg) -> Report:
     if model is not None:
         _check_context(report, cfg, model)
         _check_think_template(report, cfg, model)
+        if gpu_memory_gb is not None:
+            _run(report, "memory estimate", _check_memory, report, cfg, model, gpu_memory_gb)
     if actor is not None:
         _check_batch_split(report, cfg)
     _check_reward_fn(report, cfg)
@@ -80,6 +102,87 @@ def _run(report: Report, what: str, fn, *args):
     except Exception as e:  # every failure becomes a reported problem; the check itself must not stop
         report.errors.append(f"{what}: {type(e).__name__}: {e}")
         return None
+
+
+def _check_verl_version(report: Report) -> None:
+    import verl
+
+    from cw_verl.patches import VERL_VERSION
+
+    report.facts["verl_version"] = verl.__version__
+    if verl.__version__ != VERL_VERSION and os.environ.get("CW_VERL_ALLOW_UNTESTED_VERL") != "1":
+        report.errors.append(
+            f"verl {verl.__version__} is installed, cw_verl's patches were written against {VERL_VERSION}: install "
+            f"verl=={VERL_VERSION} (recipes/README.md, environment), or run the patch checks (pytest "
+            "tests/test_patches.py tests/test_whole_groups.py) and set CW_VERL_ALLOW_UNTESTED_VERL=1"
+        )
+
+
+def _check_memory(report: Report, cfg, model, gpu_memory_gb: float) -> None:
+    from cw_verl.paper.memory import estimate, layout_from_config
+
+    result = estimate(model.hf_config, layout_from_config(cfg, gpu_memory_gb))
+    report.facts["memory_per_gpu"] = result.summary()
+    if not result.fits:
+        report.errors.append(
+            f"memory: about {result.peak:.0f} GB per GPU needed, {gpu_memory_gb:.0f} GB available (rollout phase "
+            f"{result.rollout:.0f}, training {result.training:.0f}); pick a MEMORY_PROFILE for these GPUs, raise "
+            "ACTOR_TP, lower ROLLOUT_GPU_MEMORY or the micro-batch, or set OFFLOAD=1"
+        )
+
+
+def run_settings(cfg) -> dict[str, object]:
+    """The resolved configuration, flattened, without the keys of :data:`OPERATIONAL_KEYS`."""
+    from omegaconf import OmegaConf
+
+    flat: dict[str, object] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return {key: value for key, value in sorted(flat.items()) if key not in OPERATIONAL_KEYS}
+
+
+def _has_checkpoint(checkpoint_dir: Path) -> bool:
+    return (checkpoint_dir / "latest_checkpointed_iteration.txt").exists() or any(checkpoint_dir.glob("global_step_*"))
+
+
+def check_run_dir(report: Report, cfg, run_dir: Path, record: bool) -> None:
+    """Refuse to resume a checkpoint written with different settings; with ``record``, store these settings."""
+    settings = run_settings(cfg)
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    report.facts["run_settings"] = fingerprint
+    path = run_dir / SETTINGS_FILE
+    checkpoint_dir = Path(cfg.trainer.default_local_dir)
+    if path.exists() and _has_checkpoint(checkpoint_dir):
+        stored = json.loads(path.read_text())
+        if stored["fingerprint"] != fingerprint:
+            old = stored["settings"]
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k, "<unset>") != settings.get(k, "<unset>"))
+            shown = ", ".join(f"{k}: {old.get(k, '<unset>')!r} -> {settings.get(k, '<unset>')!r}" for k in changed[:8])
+            report.errors.append(
+                f"run directory {run_dir} holds a checkpoint of a run with other settings ({len(changed)} differ: "
+                f"{shown}); trainer.resume_mode=auto would resume it. Use another EXPERIMENT (or RUN_ROOT), or "
+                "launch again with the settings it was started with"
+            )
+            return
+    elif not _has_checkpoint(checkpoint_dir) and path.exists():
+        report.facts["run_settings_replaced"] = json.loads(path.read_text())["fingerprint"]
+    if record and not report.errors:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=1, default=str))
+
+
+def _cw_verl_rules(cfg) -> None:
+    # The rules main_ppo applies before Ray starts (patches/entry_points.py), for the trainer loop it picks.
+    from cw_verl.config_rules import apply_config_rules, launch_of
+
+    apply_config_rules(cfg, launch_of(cfg, "main_ppo"))
 
 
 def _verl_validation(cfg) -> None:
@@ -234,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", default=CONFIG_NAME)
     parser.add_argument("--dump-config", help="write the resolved configuration (YAML) here")
+    parser.add_argument("--gpu-memory-gb", type=float, help="check the per-GPU memory estimate against this size")
+    parser.add_argument("--run-dir", help="refuse a checkpoint there with other settings (resume guard)")
+    parser.add_argument("--record", action="store_true", help="with --run-dir: store this launch's settings")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as passed to verl.trainer.main_ppo")
     args = parser.parse_args(argv)
 
@@ -244,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"launch check: the overrides do not compose with verl's {args.config_name}: {e}", file=sys.stderr)
         return 1
-    report = check(cfg)
+    report = check(cfg, args.gpu_memory_gb)
+    if args.run_dir:
+        _run(report, "run directory", check_run_dir, report, cfg, Path(args.run_dir), args.record)
     if args.dump_config:
         with open(args.dump_config, "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))

@@ -27,7 +27,10 @@ from dataclasses import dataclass
 # Extraction presets (names travel over the pipe; the configs are built in the worker).
 #   "open_rs":   Open-RS's trl accuracy reward: boxed answers first, no unanchored guesses.
 #   "lighteval": Open-RS's lighteval tasks: expression or LaTeX answers, boxed first, 5-digit rounding.
-PRESETS = ("open_rs", "lighteval")
+#   "authors":   the CW-GRPO authors' accuracy reward (their src/open_r1/rewards.py): the gold is read from
+#                a full solution text (math-verify's default targets, first match), the prediction from the
+#                whole completion (LaTeX only, boxed first, equations normalised, no unanchored guesses).
+PRESETS = ("open_rs", "lighteval", "authors")
 
 _MODULE = "cw_verl.paper.mathverify_pool"
 
@@ -40,6 +43,8 @@ class Verdict:
     correct: bool = False
     pred_parsed: bool = False
     detail: str = ""
+    # The gold parsed to text only (math-verify's fallback): "authors" still compares it, as their code did.
+    gold_is_text: bool = False
 
     @property
     def failed(self) -> bool:
@@ -135,7 +140,12 @@ class MathVerifyPool:
             return Verdict("worker_error", detail=reply["error"])
         if not reply["gold_parsed"]:
             return Verdict("gold_unparseable", detail=f"math-verify cannot parse the ground truth {gold!r}")
-        return Verdict("ok", correct=reply["correct"], pred_parsed=reply["pred_parsed"])
+        return Verdict(
+            "ok",
+            correct=reply["correct"],
+            pred_parsed=reply["pred_parsed"],
+            gold_is_text=reply.get("gold_is_text", False),
+        )
 
     def close(self) -> None:
         while True:
@@ -155,8 +165,18 @@ def _serve() -> None:
     # The wall-clock bound is the parent's deadline; math-verify's note that its own timeouts are off
     # is expected here and would only add noise to the trainer's log.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    logging.getLogger("latex2sympy2_extended").setLevel(logging.ERROR)
 
     gold_targets = [LatexExtractionConfig()]
+    # equations=True still keeps only the last side of "a = b = c" in latex2sympy2_extended 1.x, which warns
+    # on every call that it is deprecated: the warning is silenced below, the behaviour kept.
+    authors_pred = LatexExtractionConfig(
+        normalization_config=NormalizationConfig(
+            nits=False, malformed_operators=False, basic_latex=True, equations=True, boxed="all", units=True
+        ),
+        boxed_match_priority=0,
+        try_extract_without_anchor=False,
+    )
     pred_targets = {
         "open_rs": [
             LatexExtractionConfig(
@@ -168,9 +188,10 @@ def _serve() -> None:
             )
         ],
         "lighteval": [ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0)],
+        "authors": [authors_pred],
     }
-    pred_mode = {"open_rs": "first_match", "lighteval": "any_match"}
-    rounding = {"open_rs": 6, "lighteval": 5}
+    pred_mode = {"open_rs": "first_match", "lighteval": "any_match", "authors": "first_match"}
+    rounding = {"open_rs": 6, "lighteval": 5, "authors": 6}
 
     out = sys.stdout.buffer
     out.write(b'{"ready": true}\n')
@@ -179,17 +200,35 @@ def _serve() -> None:
         try:
             job = json.loads(line)
             preset = job["preset"]
-            # Ground truths are bare answers ("\frac{1}{2}", "$x=1$", "34"); boxing them makes LaTeX
-            # extraction take the whole answer, as it does for MATH-style gold solutions.
-            gold = parse("\\boxed{" + job["gold"] + "}", gold_targets, parsing_timeout=None)
+            if preset == "authors":
+                # A full solution text, read as the authors did: default targets, first match.
+                gold = parse(job["gold"], extraction_mode="first_match", parsing_timeout=None, raise_on_error=True)
+            else:
+                # Ground truths are bare answers ("\frac{1}{2}", "$x=1$", "34"); boxing them makes LaTeX
+                # extraction take the whole answer, as it does for MATH-style gold solutions.
+                gold = parse("\\boxed{" + job["gold"] + "}", gold_targets, parsing_timeout=None, raise_on_error=True)
             pred = parse(
                 job["pred"],
                 pred_targets[preset],
                 extraction_mode=pred_mode[preset],
                 parsing_timeout=None,
+                raise_on_error=True,
             )
-            correct = bool(gold and pred) and verify(gold, pred, float_rounding=rounding[preset], timeout_seconds=None)
-            reply = {"gold_parsed": bool(gold), "pred_parsed": bool(pred), "correct": bool(correct)}
+            # math-verify falls back to the raw matched string when it cannot build an expression, so a
+            # non-empty result is not a parsed gold: only an expression is.
+            gold_is_text = bool(gold) and all(isinstance(g, str) for g in gold)
+            gold_parsed = bool(gold) and (preset == "authors" or not gold_is_text)
+            correct = (
+                gold_parsed
+                and bool(pred)
+                and verify(gold, pred, float_rounding=rounding[preset], timeout_seconds=None, raise_on_error=True)
+            )
+            reply = {
+                "gold_parsed": gold_parsed,
+                "gold_is_text": gold_is_text,
+                "pred_parsed": bool(pred),
+                "correct": bool(correct),
+            }
         except Exception as e:  # reported to the caller as a worker_error, never as "incorrect"
             reply = {"error": f"{type(e).__name__}: {e}"[:500]}
         out.write(json.dumps(reply).encode() + b"\n")

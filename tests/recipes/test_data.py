@@ -32,7 +32,9 @@ def test_every_set_is_written_with_verl_layout(data_dir):
                 {"role": "user", "content": rec[source.question_col]},
             ]
             assert row["reward_model"]["style"] == "rule"
-            assert row["extra_info"] == {"split": source.split, "index": i}
+            # The worked solution travels along where the set has one (the authors' reward reads its gold there).
+            solution = {"solution": rec["solution"]} if rec.get("solution") else {}
+            assert row["extra_info"] == {"split": source.split, "index": i, **solution}
 
 
 @pytest.mark.parametrize(

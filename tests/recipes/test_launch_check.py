@@ -72,6 +72,7 @@ def test_all_problems_are_reported_together(overrides):
     found = errors(
         with_changes(
             overrides["r1_1p5b"],
+            "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=1",
             "trainer.n_gpus_per_node=5",
             "trainer.logger=[console,file,wandbb]",
             "+reward.custom_reward_function.reward_kwargs.prompt_open_think=True",
@@ -92,6 +93,7 @@ def test_verl_own_validation_is_reported(overrides):
     found = errors(
         with_changes(
             overrides["r1_1p5b"],
+            "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=1",
             "actor_rollout_ref.actor.use_dynamic_bsz=False",
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=5",
             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=5",
