@@ -21,16 +21,21 @@ def _register_with_core_algos(core_algos) -> None:
     for name, policy_loss in POLICY_LOSSES.items():
         core_algos.register_policy_loss(name)(policy_loss)
     core_algos.register_adv_est(CW_GRPO)(compute_cw_grpo_outcome_advantage)
+    from cw_verl.verl_ep import EP_GRPO, compute_ep_grpo_advantage
+
+    core_algos.register_adv_est(EP_GRPO)(compute_ep_grpo_advantage)
 
 
 def _hooks():
-    from cw_verl.patches import engine_context, v1_multi_trajectory, validate_config
+    from cw_verl.patches import engine_context, ep_inputs, v1_multi_trajectory, validate_config
 
     return {
         "verl.trainer.ppo.core_algos": _register_with_core_algos,
         "verl.workers.engine.base": engine_context.patch,
         "verl.utils.config": validate_config.patch,
         "verl.trainer.ppo.v1.utils": v1_multi_trajectory.patch,
+        "verl.trainer.ppo.ray_trainer": ep_inputs.patch_ray_trainer,
+        "verl.trainer.ppo.v1.trainer_base": ep_inputs.patch_v1_trainer,
     }
 
 

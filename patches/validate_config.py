@@ -13,6 +13,7 @@ import functools
 import sys
 
 from cw_verl.config_rules import align_loss_mode_with_estimator, check_group_scope, explicit_override_keys
+from cw_verl.ep_config import check_ep_grpo
 
 _PATCHED = "_cw_verl_config_rules"
 
@@ -37,6 +38,7 @@ def patch(config_module) -> None:
     def validate_config(config, *args, **kwargs):
         align_loss_mode_with_estimator(config, explicit_override_keys(_command_line_overrides()))
         check_group_scope(config)
+        check_ep_grpo(config)
         return original(config, *args, **kwargs)
 
     setattr(validate_config, _PATCHED, True)
