@@ -66,6 +66,13 @@ def run_check() -> list[str]:
         f"actor.policy_loss.loss_mode={AUTHORS_LOSS_MODE} registered (the authors' released objective)",
     )
 
+    report("ep_grpo" in core_algos.ADV_ESTIMATOR_REGISTRY, "algorithm.adv_estimator=ep_grpo registered (EP-GRPO)")
+    ray_trainer = importlib.import_module("verl.trainer.ppo.ray_trainer")
+    report(
+        getattr(ray_trainer.compute_advantage, "_cw_verl_ep_inputs", None) is not None,
+        "compute_advantage hands ep_grpo the entropy and reference log-probs",
+    )
+
     from verl.workers.engine.base import BaseEngine
 
     report(

@@ -174,4 +174,4 @@ def group_scope_needs_whole_groups(config: DictConfig, launch: Launch) -> None:
 
 # Modules that add a CW loss mode (to verl_losses.POLICY_LOSSES) or a rule (with @config_rule); imported
 # last because they import this module.
-from cw_verl import authors_loss, whole_groups  # noqa: E402, F401
+from cw_verl import authors_loss, ep_config, whole_groups  # noqa: E402, F401

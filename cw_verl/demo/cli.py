@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         description="CW-GRPO vs GRPO through verl's own FSDP2 actor on CPU gloo ranks (no GPU, no download).",
     )
     p.add_argument("--out-dir", default="runs/demo", help="where the model, JSONL metrics and figure go")
-    p.add_argument("--arms", default="grpo,cw_grpo", help="comma-separated: grpo, cw_grpo, clip_cov, cw_grpo_authors")
+    p.add_argument(
+        "--arms", default="grpo,cw_grpo", help="comma-separated: grpo, cw_grpo, clip_cov, cw_grpo_authors, ep_grpo"
+    )
     p.add_argument("--steps", type=int, default=RunConfig.steps, help="RL steps per arm")
     p.add_argument("--seed", type=int, default=RunConfig.seed)
     p.add_argument("--world-size", type=int, default=2, help="data-parallel gloo ranks")

@@ -30,11 +30,13 @@ VAL_KEY = "val-core/digit_reversal/acc/mean@1"
 
 @dataclass(frozen=True)
 class Arm:
-    """An arm is verl's ``algorithm.adv_estimator`` plus ``actor.policy_loss.loss_mode``."""
+    """An arm is verl's ``algorithm.adv_estimator`` plus ``actor.policy_loss.loss_mode``; ``reference`` adds a
+    frozen copy of the starting policy whose log-probs go to the batch's ``ref_log_prob`` (verl's ref worker)."""
 
     name: str
     adv_estimator: str
     loss_mode: str
+    reference: bool = False
 
 
 ARMS = {
@@ -43,6 +45,7 @@ ARMS = {
     "clip_cov": Arm("clip_cov", adv_estimator="grpo", loss_mode="clip_cov"),
     # The objective of the authors' released code (cw_verl.authors_objective): weights with gradient, per group.
     "cw_grpo_authors": Arm("cw_grpo_authors", adv_estimator="cw_grpo", loss_mode="cw_grpo_authors"),
+    "ep_grpo": Arm("ep_grpo", adv_estimator="ep_grpo", loss_mode="vanilla", reference=True),
 }
 WEIGHT_GRAD_KEY = "actor/cw/weights_grad_rel_norm"
 
@@ -145,6 +148,7 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
         data_loader_seed=cfg.seed,
     )
     actor = harness.build_actor(setup)
+    reference = harness.build_actor(setup) if arm.reference else None  # never trained: the reference policy
     rollout = Rollout(cfg.model_path, cfg.task, cfg.temperature)
     algo = AlgoConfig(adv_estimator=arm.adv_estimator, norm_adv_by_std_in_grpo=True)
     init_seconds = time.perf_counter() - init_start
@@ -196,6 +200,14 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
                     loss_agg_mode=actor.config.loss_agg_mode,
                 ).item()
                 metrics.update(calculate_debug_metrics(batch))
+                if reference is not None:
+                    from cw_verl.verl_ep import ENTROPY_KEY
+
+                    with simple_timer("ref", timing):
+                        ref_log_probs, _ = harness.compute_log_prob(reference, harness.dp_chunk(batch))
+                    batch.batch["ref_log_prob"] = harness.all_gather_rows(ref_log_probs)
+                    # what cw_verl's ep_inputs patch does in verl's legacy trainer (its fit pops "entropys")
+                    batch.batch[ENTROPY_KEY] = batch.batch["entropys"]
 
                 with simple_timer("adv", timing):
                     batch = compute_advantage(

@@ -120,12 +120,12 @@ def test_dynamic_batch_size_per_call_splits_by_tokens_in_step_on_both_ranks(poli
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert cli.main(["--smoke", "--out-dir", str(out), "--no-progress", "--arms", f"grpo,{CW}"]) == 0
+    assert cli.main(["--smoke", "--out-dir", str(out), "--no-progress", "--arms", f"grpo,{CW},ep_grpo"]) == 0
     return out
 
 
 def test_demo_writes_well_formed_verl_file_logger_jsonl(smoke_run):
-    for arm in ("grpo", CW):
+    for arm in ("grpo", CW, "ep_grpo"):
         lines = [json.loads(line) for line in (smoke_run / f"{arm}.jsonl").read_text().splitlines()]
         assert all(set(line) == {"step", "data"} for line in lines)
         run = read_jsonl(smoke_run / f"{arm}.jsonl")
@@ -150,7 +150,7 @@ def test_demo_writes_well_formed_verl_file_logger_jsonl(smoke_run):
 
 def test_demo_summary_and_figure(smoke_run):
     summary = json.loads((smoke_run / cli.SUMMARY_NAME).read_text())
-    assert set(summary["arms"]) == {"grpo", CW}
+    assert set(summary["arms"]) == {"grpo", CW, "ep_grpo"}
     for arm, entry in summary["arms"].items():
         run = read_jsonl(entry["jsonl"])
         entropies = [run.rows[s]["actor/entropy"] for s in (1, 2, 3)]

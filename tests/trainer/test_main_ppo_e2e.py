@@ -5,7 +5,9 @@ Three launches carry most assertions (module-scoped fixtures, each a few minutes
 
 * ``cw_run``: ``ARM=cw_grpo``, 3 steps, a checkpoint at step 3: the CW loss ran in the Ray workers,
   the parameters changed, vLLM sampled with the trained weights;
-* ``resumed``: a second launch on the same run directory with ``TOTAL_STEPS=4``: it resumes at step 4;
+* ``resumed``: ``cw_run`` checkpoints at steps 2 and 3; with the step-3 checkpoint removed (a run that died
+  after step 2's), a second launch with the same settings resumes at step 3 (a launch with other settings
+  is refused by the recipe's resume guard before Ray starts);
 * ``grpo_stale_killed``: ``ARM=grpo`` with weight sync into vLLM disabled (a test-only hook on verl's
   ``CheckpointEngineManager.update_weights``), then a vLLM engine killed: no CW metrics, the stale
   rollouts show in the same log-prob check that ``cw_run`` passes (the negative control), and the run
@@ -40,6 +42,7 @@ NO_VAL = ("trainer.val_before_train=False", "trainer.test_freq=-1")
 # verl's rollout_probs_diff_max: the largest |p_vLLM - p_actor| over a step's tokens. In float32 on both sides
 # it was 1e-6..1.2e-5 in these runs; with a rollout model one update behind it was 0.9999 at lr 1e-2.
 SYNCED_PROBS_DIFF = 1e-3
+CW_RUN_SETTINGS = dict(ARM="cw_grpo", TOTAL_STEPS="3", SAVE_FREQ="2", **SCHEDULE)
 
 SKIP_SYNC_HOOK = """
 import os
@@ -78,18 +81,21 @@ def tiny_dir(root):
 
 @pytest.fixture(scope="module")
 def cw_run(root, tiny_dir):
-    run = tiny_runs.launch(
-        root, tiny_dir, "cw_fsdp2", *NO_VAL, ARM="cw_grpo", TOTAL_STEPS="3", SAVE_FREQ="3", **SCHEDULE
-    )
+    run = tiny_runs.launch(root, tiny_dir, "cw_fsdp2", *NO_VAL, **CW_RUN_SETTINGS)
     assert run.returncode == 0, run.output[-5000:]
     return run
 
 
 @pytest.fixture(scope="module")
 def resumed(root, tiny_dir, cw_run):
-    run = tiny_runs.launch(
-        root, tiny_dir, "cw_fsdp2", *NO_VAL, ARM="cw_grpo", TOTAL_STEPS="4", SAVE_FREQ="3", **SCHEDULE
-    )
+    import shutil
+
+    # What a run that died after step 2's checkpoint leaves (verl resumes from latest_checkpointed_iteration).
+    checkpoints = cw_run.run_dir / "checkpoints"
+    assert (checkpoints / "global_step_2").is_dir() and (checkpoints / "global_step_3").is_dir()
+    shutil.rmtree(checkpoints / "global_step_3")
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("2")
+    run = tiny_runs.launch(root, tiny_dir, "cw_fsdp2", *NO_VAL, **CW_RUN_SETTINGS)
     assert run.returncode == 0, run.output[-5000:]
     return run
 
@@ -173,10 +179,19 @@ def test_vllm_samples_with_the_trained_weights_and_the_check_catches_stale_ones(
 def test_second_launch_resumes_from_the_checkpoint(resumed):
     assert len(resumed.metrics_files()) == 2  # one file per launch
     steps = resumed.steps()
-    assert sorted(s for s, row in steps.items() if "critic/score/mean" in row) == [4]
-    assert "actor/cw/sigma" in steps[4]
-    assert "Resuming from" in resumed.output and "global_step_3" in resumed.output
-    assert (resumed.run_dir / "checkpoints" / "global_step_4").is_dir()
+    assert sorted(s for s, row in steps.items() if "critic/score/mean" in row) == [3]
+    assert "actor/cw/sigma" in steps[3]
+    assert "Resuming from" in resumed.output and "global_step_2" in resumed.output
+    assert (resumed.run_dir / "checkpoints" / "global_step_3").is_dir()
+
+
+def test_a_launch_with_other_settings_is_refused_on_a_checkpointed_run(root, tiny_dir, cw_run):
+    """The recipe's resume guard: the same run directory, a longer schedule (another LR decay)."""
+    settings = {**CW_RUN_SETTINGS, "TOTAL_STEPS": "4"}
+    run = tiny_runs.launch(root, tiny_dir, "cw_fsdp2", *NO_VAL, **settings, timeout=600)
+    assert run.returncode == 1
+    assert "holds a checkpoint of a run with other settings" in run.output
+    assert "total_training_steps" in run.output and "ray init kwargs" not in run.output
 
 
 # --- the GRPO run with weight sync disabled, then a vLLM engine killed -----------------------------------

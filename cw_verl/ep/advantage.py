@@ -1,0 +1,121 @@
+"""EP-GRPO's token advantage: the composition of gate, polarity, progress and buckets (issue 12)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cw_verl.ep.buckets import bucket_index, bucket_normalise
+from cw_verl.ep.gate import entropy_gate
+from cw_verl.ep.progress import polarity, policy_divergence
+
+F64 = torch.float64
+
+
+class EPInputError(ValueError):
+    """Invalid input to the EP-GRPO advantage (shapes, NaN/inf, no valid token)."""
+
+
+@dataclass(frozen=True)
+class EPConfig:
+    """EP-GRPO's knobs (``algorithm.ep_grpo.*`` in verl; defaults and their reasons in the README).
+
+    Attributes:
+        gamma: entropy-gate sharpness; 1.0 = logistic of the standardised entropy.
+        lam: weight of the progress term relative to the gated outcome term.
+        num_buckets: K, progress buckets (10 in the paper's secondary note).
+        reward_threshold: r above it is "good" in a group whose rewards are all equal.
+        epsilon: added to the bucket std (as verl's GRPO adds it to the group std).
+    """
+
+    gamma: float = 1.0
+    lam: float = 0.1
+    num_buckets: int = 10
+    reward_threshold: float = 0.5
+    epsilon: float = 1e-6
+
+    def __post_init__(self):
+        if not self.gamma > 0:
+            raise EPInputError(f"ep_grpo gamma must be > 0 (the gate must rise with entropy), got {self.gamma}")
+        if not self.lam >= 0:
+            raise EPInputError(f"ep_grpo lam must be >= 0, got {self.lam}")
+        if int(self.num_buckets) != self.num_buckets or self.num_buckets < 1:
+            raise EPInputError(f"ep_grpo num_buckets must be a positive integer, got {self.num_buckets}")
+        if not self.epsilon > 0:
+            raise EPInputError(f"ep_grpo epsilon must be > 0, got {self.epsilon}")
+
+
+@dataclass(frozen=True)
+class EPAdvantage:
+    """The token advantage and its parts (``[B, T]`` float64, 0 on invalid tokens; ``polarity`` ``[B]``)."""
+
+    advantages: torch.Tensor
+    outcome: torch.Tensor
+    progress: torch.Tensor
+    gate: torch.Tensor
+    polarity: torch.Tensor
+    bucket: torch.Tensor
+
+
+def _check(name: str, tensor: torch.Tensor, shape: tuple, mask: torch.Tensor | None) -> None:
+    if tuple(tensor.shape) != shape:
+        raise EPInputError(f"ep_grpo: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    values = tensor if mask is None else tensor[mask]
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise EPInputError(f"ep_grpo: {name} has {bad} NaN/inf value(s) on valid tokens")
+
+
+def ep_token_advantages(
+    scores: torch.Tensor,
+    outcome_advantage: torch.Tensor,
+    group: torch.Tensor,
+    entropy: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    ref_log_prob: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: EPConfig,
+) -> EPAdvantage:
+    """``A(i,t) = W(i,t) A_i + lambda d_i bucketnorm_k(log pi_old - log pi_ref)(i,t)`` (issue 12).
+
+    Every statistic (entropy mean/std, bucket mean/std) is over all valid tokens passed in.
+
+    Args:
+        scores: ``[B]`` sequence rewards r_i.
+        outcome_advantage: ``[B]`` GRPO advantages A_i.
+        group: ``[B]`` int64 prompt-group ids.
+        entropy: ``[B, T]`` per-token entropy of the policy that sampled the batch.
+        old_log_prob: ``[B, T]`` log-probs of the sampled tokens under that policy.
+        ref_log_prob: ``[B, T]`` log-probs under the reference policy.
+        response_mask: ``[B, T]`` bool or 0/1.
+        config: :class:`EPConfig`.
+
+    Returns:
+        :class:`EPAdvantage`.
+
+    Raises:
+        EPInputError: a shape mismatch, NaN/inf on a valid token, a negative entropy, or no valid token.
+    """
+    if response_mask.dim() != 2:
+        raise EPInputError(f"ep_grpo: response_mask must be [B, T], got shape {tuple(response_mask.shape)}")
+    shape = tuple(response_mask.shape)
+    mask = response_mask.bool()
+    for name, tensor in (("scores", scores), ("outcome_advantage", outcome_advantage)):
+        _check(name, tensor, shape[:1], None)
+    _check("group", group, shape[:1], None)
+    for name, tensor in (("entropy", entropy), ("old_log_prob", old_log_prob), ("ref_log_prob", ref_log_prob)):
+        _check(name, tensor, shape, mask)
+    if not mask.any():
+        raise EPInputError("ep_grpo: the batch has no valid response token (response_mask is all zero)")
+    if (entropy[mask] < 0).any():
+        raise EPInputError(f"ep_grpo: negative entropy on valid tokens (min {entropy[mask].min().item():.3g})")
+
+    gate = entropy_gate(entropy, mask, config.gamma)
+    outcome = gate * outcome_advantage.to(F64)[:, None]
+    direction = polarity(scores, outcome_advantage, group, config.reward_threshold)
+    bucket = bucket_index(entropy, mask, config.num_buckets)
+    divergence = policy_divergence(old_log_prob, ref_log_prob, mask)
+    normalised = bucket_normalise(divergence, bucket, mask, config.num_buckets, config.epsilon)
+    progress = config.lam * direction[:, None] * normalised
+    return EPAdvantage(outcome + progress, outcome, progress, gate, direction, bucket)

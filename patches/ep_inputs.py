@@ -1,0 +1,142 @@
+"""verl 0.9.1: hand ``adv_estimator=ep_grpo`` the entropy, old and reference log-probs it needs.
+
+``ray_trainer.compute_advantage`` passes a registered estimator only ``token_level_rewards``,
+``response_mask``, ``config`` and ``index``. For ``ep_grpo`` (and only for it) the wrapper below calls
+:func:`cw_verl.verl_ep.compute_ep_grpo_advantage` with ``old_log_probs`` and ``ref_log_prob`` from the
+batch and the entropy from one of two side channels, because both trainers drop it before that point:
+
+- legacy ``RayPPOTrainer``: ``_compute_old_log_prob`` returns ``entropys``, which ``fit`` pops before
+  merging into the batch; the wrapper copies it to :data:`~cw_verl.verl_ep.ENTROPY_KEY` (set here),
+  and ``compute_advantage`` pops that key again (read here), so it never reaches the actor.
+- v1 trainer (``trainer_base.PPOTrainer``): the old-log-prob pass stores ``entropy`` in TransferQueue, but
+  ``_compute_advantage`` fetches a fixed field list without it. The wrapper fetches it for the same keys
+  and holds it in :data:`_V1_ENTROPY` for the duration of the call (set and read here only).
+
+Any other estimator goes through verl's functions untouched.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import sys
+
+from cw_verl.ep_config import EP_GRPO
+
+_PATCHED = "_cw_verl_ep_inputs"
+V1_UTILS = "verl.trainer.ppo.v1.utils"
+_V1_ENTROPY: contextvars.ContextVar = contextvars.ContextVar("cw_verl_ep_v1_entropy", default=None)
+
+
+def _is_ep(adv_estimator) -> bool:
+    return getattr(adv_estimator, "value", adv_estimator) == EP_GRPO
+
+
+def _ep_compute_advantage(data, config, norm_adv_by_std_in_grpo):
+    from verl.trainer.ppo.ray_trainer import compute_response_mask
+
+    from cw_verl.verl_ep import ENTROPY_KEY, compute_ep_grpo_advantage
+
+    if "response_mask" not in data.batch.keys():
+        data.batch["response_mask"] = compute_response_mask(data)
+    batch = data.batch
+    entropy = batch.pop(ENTROPY_KEY) if ENTROPY_KEY in batch.keys() else _V1_ENTROPY.get()
+    mask_shape = tuple(batch["response_mask"].shape)
+    if entropy is not None and tuple(entropy.shape) != mask_shape:
+        raise RuntimeError(f"ep_grpo: entropy has shape {tuple(entropy.shape)}, response_mask {mask_shape}")
+    advantages, returns = compute_ep_grpo_advantage(
+        token_level_rewards=batch["token_level_rewards"],
+        response_mask=batch["response_mask"],
+        config=config,
+        index=data.non_tensor_batch.get("uid"),
+        entropy=entropy,
+        old_log_probs=batch.get("old_log_probs", None),
+        ref_log_prob=batch.get("ref_log_prob", None),
+        norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
+    )
+    batch["advantages"] = advantages
+    batch["returns"] = returns
+    return data
+
+
+def _wrap_compute_advantage(original):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def compute_advantage(data, adv_estimator, *args, **kwargs):
+        if not _is_ep(adv_estimator):
+            return original(data, adv_estimator, *args, **kwargs)
+        bound = signature.bind(data, adv_estimator, *args, **kwargs)
+        bound.apply_defaults()
+        return _ep_compute_advantage(data, bound.arguments["config"], bound.arguments["norm_adv_by_std_in_grpo"])
+
+    setattr(compute_advantage, _PATCHED, original)
+    return compute_advantage
+
+
+def _rebind_v1_utils(original, patched) -> None:
+    v1_utils = sys.modules.get(V1_UTILS)
+    if v1_utils is not None and getattr(v1_utils, "compute_advantage", None) is original:
+        v1_utils.compute_advantage = patched
+
+
+def patch_ray_trainer(module) -> None:
+    """Post-import hook for ``verl.trainer.ppo.ray_trainer``."""
+    if getattr(module.compute_advantage, _PATCHED, None) is not None:
+        return
+    original = module.compute_advantage
+    module.compute_advantage = _wrap_compute_advantage(original)
+    _rebind_v1_utils(original, module.compute_advantage)
+
+    trainer = module.RayPPOTrainer
+    trainer._compute_old_log_prob = wrap_old_log_prob(trainer._compute_old_log_prob)
+
+
+def wrap_old_log_prob(original):
+    """Legacy ``RayPPOTrainer._compute_old_log_prob``: keep the entropy that ``fit`` pops, for ``ep_grpo`` only."""
+
+    @functools.wraps(original)
+    def _compute_old_log_prob(self, batch, *args, **kwargs):
+        result = original(self, batch, *args, **kwargs)
+        if _is_ep(self.config.algorithm.adv_estimator):
+            from cw_verl.verl_ep import ENTROPY_KEY
+
+            old_log_prob = result[0] if isinstance(result, tuple) else result
+            old_log_prob.batch[ENTROPY_KEY] = old_log_prob.batch["entropys"]
+        return result
+
+    return _compute_old_log_prob
+
+
+def patch_v1_trainer(module) -> None:
+    """Post-import hook for ``verl.trainer.ppo.v1.trainer_base``."""
+    trainer = module.PPOTrainer
+    if getattr(trainer._compute_advantage, _PATCHED, None) is not None:
+        return
+    ray_trainer = sys.modules["verl.trainer.ppo.ray_trainer"]
+    original = getattr(ray_trainer.compute_advantage, _PATCHED, None)
+    if original is not None:
+        _rebind_v1_utils(original, ray_trainer.compute_advantage)
+    trainer._compute_advantage = wrap_v1_compute_advantage(trainer._compute_advantage, module)
+
+
+def wrap_v1_compute_advantage(original, trainer_module):
+    """v1 ``PPOTrainer._compute_advantage``: for ``ep_grpo``, fetch the entropy the old-log-prob pass stored in
+    TransferQueue (``trainer_module.tq``) and hold it in :data:`_V1_ENTROPY` during the call."""
+
+    @functools.wraps(original)
+    def _compute_advantage(self, batch, *args, **kwargs):
+        if not _is_ep(self.config.algorithm.adv_estimator):
+            return original(self, batch, *args, **kwargs)
+        fetched = trainer_module.tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=["entropy"]
+        )
+        token = _V1_ENTROPY.set(fetched.to_padded_tensor()["entropy"])
+        try:
+            return original(self, batch, *args, **kwargs)
+        finally:
+            _V1_ENTROPY.reset(token)
+
+    setattr(_compute_advantage, _PATCHED, original)
+    return _compute_advantage
