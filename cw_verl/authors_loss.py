@@ -154,18 +154,17 @@ def compute_policy_loss_cw_grpo_authors(
     result = authors_weights(log_prob, seq_advantages, response_mask, Groups.from_labels(uids))
     metrics: dict[str, Any] = _metrics(result, response_mask)
     valid = response_mask.bool()
-    index = valid.flatten().nonzero().squeeze(1)
-    if index.numel() == 0:
+    if not bool(valid.any()):
         metrics.update({"actor/pg_clipfrac": 0.0, "actor/ppo_kl": 0.0, "actor/pg_clipfrac_lower": 0.0})
         # A zero that still reaches every parameter, so that all ranks run the same backward.
         return torch.where(valid, log_prob, 0.0).sum() * 0.0, metrics
-    weighted = (result.weights * advantages.to(result.weights.dtype)).flatten()[index]
-    is_weights = None if rollout_is_weights is None else rollout_is_weights.flatten()[index]
+    mask = valid.to(result.weights.dtype)
+    # The weights keep their gradient (the released objective); positions outside the mask weigh 0.
+    weighted = torch.where(valid, result.weights * advantages.to(result.weights.dtype), 0.0)
     token_losses, pg_stats = clipped_surrogate(
-        log_prob.flatten()[index], old_log_prob.flatten()[index], weighted, _clip_config(config), is_weights
+        log_prob, old_log_prob, weighted, mask, _clip_config(config), rollout_is_weights
     )
-    rows = torch.div(index, response_mask.shape[-1], rounding_mode="floor")
-    loss = aggregate(token_losses, rows, _aggregation(loss_agg_mode, response_mask, batch_info))
+    loss = aggregate(token_losses, mask, _aggregation(loss_agg_mode, batch_info))
     clipfrac, ppo_kl, clipfrac_lower = pg_stats.tolist()
     metrics.update({"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl, "actor/pg_clipfrac_lower": clipfrac_lower})
     return loss, metrics

@@ -68,7 +68,9 @@ class _ClippedPPO(torch.autograd.Function):
     """Per-token clipped PPO loss ``-A * clamp(r, lower, upper)`` with its gradient ``-A * r * [unclipped]``.
 
     Also returns (not differentiable) the clamped log-ratio and ``sign(clamp(r) - r)``: -1 where the ratio
-    was clipped from above, +1 from below, 0 where it is not clipped.
+    was clipped from above, +1 from below, 0 where it is not clipped. ``A`` is differentiable only when it
+    requires a gradient (``cw_grpo_authors``: the released objective's weights carry one), with
+    d loss / d A = -clamp(r), saved only then.
     """
 
     @staticmethod
@@ -76,17 +78,19 @@ class _ClippedPPO(torch.autograd.Function):
         log_ratio = (log_prob - old_log_prob).clamp_(-20.0, 20.0)
         ratio = torch.exp(log_ratio)
         clipped = torch.clamp(ratio, min=lower, max=upper)
+        advantage_gradient = clipped.neg() if ctx.needs_input_grad[2] else None
         change = torch.sub(clipped, ratio).sign_()
         # Unclipped (change = 0) the ratio is differentiable: d loss / d log_prob = -A r.
         coefficient = change.abs().neg_().add_(1.0).mul_(ratio).mul_(scaled_advantages).neg_()
-        ctx.save_for_backward(coefficient)
+        ctx.save_for_backward(coefficient, advantage_gradient)
         ctx.mark_non_differentiable(log_ratio, change)
         return clipped.mul_(scaled_advantages).neg_(), log_ratio, change
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        (coefficient,) = ctx.saved_tensors
-        return grad_loss * coefficient, None, None, None, None
+        coefficient, advantage_gradient = ctx.saved_tensors
+        grad_advantages = None if advantage_gradient is None else grad_loss * advantage_gradient
+        return grad_loss * coefficient, None, grad_advantages, None, None
 
 
 def clipped_surrogate(
@@ -103,7 +107,8 @@ def clipped_surrogate(
         log_prob: ``[B, T]`` log-probs under the policy being trained (carries the gradient; half
             precision is computed in float32, the gradient returns in its dtype).
         old_log_prob: ``[B, T]`` log-probs under the sampling policy (finite).
-        advantages: ``[B, T]`` advantages, 0 outside the mask (e.g. ``w~ * A``).
+        advantages: ``[B, T]`` advantages, 0 outside the mask (e.g. ``w~ * A``); differentiated through
+            only if they require a gradient.
         mask: ``[B, T]`` valid-token mask (float).
         clip: the clip ratios.
         is_weights: ``[B, T]`` rollout importance weights, or ``None``.
@@ -113,14 +118,16 @@ def clipped_surrogate(
         ``[pg_clipfrac, ppo_kl, pg_clipfrac_lower]`` (denominators as verl's ``masked_mean``).
     """
     compute = torch.promote_types(log_prob.dtype, torch.float32)
-    advantages = advantages.detach().to(compute)
-    positive = torch.sign(advantages)
+    advantages = advantages.to(compute)
+    positive = torch.sign(advantages.detach())
     negative = positive.neg().clamp_(min=0.0)
     positive.clamp_(min=0.0)
     lower = negative.mul(1.0 - clip.low - _SMALLEST_RATIO).add_(_SMALLEST_RATIO)
     upper = negative.mul(clip.dual - 1.0 - clip.high).add_(1.0 + clip.high)
     # verl weighs the clipped loss by the importance weights after clipping: the same as weighing A.
     scaled = advantages if is_weights is None else advantages * is_weights.detach().to(compute)
+    if not scaled.requires_grad:
+        scaled = scaled.detach()
     losses, log_ratio, change = _ClippedPPO.apply(
         log_prob.to(compute), old_log_prob.detach().to(compute), scaled, lower, upper
     )

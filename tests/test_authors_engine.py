@@ -64,7 +64,7 @@ def engine_layouts(rank, world_size, model_path, batch_path):
     verl's reduced metrics, or the error every rank raised."""
     from cw_verl.authors_loss import WholeGroupError
     from cw_verl.cpu import harness
-    from cw_verl.cpu.studies import recorded_gradient
+    from cw_verl.cpu.harness import recorded_gradient
 
     batch = torch.load(batch_path, weights_only=False)
     setup = harness.ActorSetup(
