@@ -86,7 +86,8 @@ def engine_layouts(rank, world_size, model_path, batch_path):
         try:
             with recorded_gradient(actor) as record:
                 metrics = harness.train_step(actor, local, **layout)
-            out[name] = {"gradient": record["gradient"], "metrics": metrics}
+            gradient = torch.cat([record[key].flatten() for key in sorted(record)])
+            out[name] = {"gradient": gradient, "metrics": metrics}
         except WholeGroupError as error:
             out[name] = error
     return out
