@@ -38,6 +38,15 @@ def run_check() -> list[str]:
         "entry point in group 'verl.plugins': " + ", ".join(f"{ep.name} = {ep.value}" for ep in entry_points),
         "no 'verl.plugins' entry point for cw_verl: install the package (pip install -e .), not just PYTHONPATH",
     )
+    vllm_plugins = [
+        ep for ep in importlib.metadata.entry_points(group="vllm.general_plugins") if ep.value.startswith("cw_verl")
+    ]
+    # Without it (e.g. an install older than the plugin), CPU runs hang in their first weight sync.
+    report(
+        bool(vllm_plugins),
+        "entry point in group 'vllm.general_plugins': " + ", ".join(f"{ep.name} = {ep.value}" for ep in vllm_plugins),
+        "no 'vllm.general_plugins' entry point for cw_verl (CPU runs need it): reinstall (pip install -e .)",
+    )
     policy = os.getenv("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
     allowed = policy == "auto" or any(ep.name in {p.strip() for p in policy.split(",")} for ep in entry_points)
     report(

@@ -15,6 +15,7 @@ def test_check_reports_a_working_installation():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK: cw_verl is active in verl" in result.stdout
     assert "[FAIL]" not in result.stdout
+    assert "[ok] entry point in group 'vllm.general_plugins': cw_verl_cpu" in result.stdout
 
 
 def test_check_fails_when_verl_is_told_not_to_load_plugins():
