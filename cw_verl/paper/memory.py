@@ -130,23 +130,32 @@ def estimate(hf_config, layout: Layout) -> Estimate:
 
 
 def layout_from_config(cfg, gpu_memory_gb: float) -> Layout:
-    """The :class:`Layout` of a composed ``ppo_megatron_trainer`` configuration."""
+    """The :class:`Layout` of a composed ``ppo_megatron_trainer`` configuration, or of ``ppo_trainer`` with an
+    FSDP actor (the CPU profile): estimated as TP = PP = CP = 1 with the optimizer sharded over the data-parallel
+    ranks; FSDP also shards the parameters, so this over-estimates it."""
     actor = cfg.actor_rollout_ref.actor
-    mg = actor.megatron
     n_gpus = cfg.trainer.n_gpus_per_node * cfg.trainer.nnodes
-    tp, pp, cp = mg.tensor_model_parallel_size, mg.pipeline_model_parallel_size, mg.context_parallel_size
+    if actor.strategy == "megatron":
+        mg = actor.megatron
+        tp, pp, cp = mg.tensor_model_parallel_size, mg.pipeline_model_parallel_size, mg.context_parallel_size
+        offload = (mg.param_offload, mg.optimizer_offload)
+        recompute = (mg.get("override_transformer_config") or {}).get("recompute_granularity")
+    else:
+        tp = pp = cp = 1
+        offload = (actor.fsdp_config.param_offload, actor.fsdp_config.optimizer_offload)
+        gradient_checkpointing = cfg.actor_rollout_ref.model.get("enable_gradient_checkpointing", False)
+        recompute = "full" if gradient_checkpointing else None
     longest = cfg.data.max_prompt_length + cfg.data.max_response_length
     if actor.use_dynamic_bsz:
         tokens = actor.ppo_max_token_len_per_gpu
     else:
         tokens = actor.ppo_micro_batch_size_per_gpu * longest
-    recompute = (mg.get("override_transformer_config") or {}).get("recompute_granularity")
     return Layout(
         tensor_parallel=tp,
         pipeline_parallel=pp,
         data_parallel=max(1, n_gpus // (tp * pp * cp)),
-        param_offload=bool(mg.param_offload),
-        optimizer_offload=bool(mg.optimizer_offload),
+        param_offload=bool(offload[0]),
+        optimizer_offload=bool(offload[1]),
         rollout_memory_fraction=float(cfg.actor_rollout_ref.rollout.gpu_memory_utilization),
         gpu_memory_gb=gpu_memory_gb,
         # Context parallelism splits a micro-batch's tokens over its ranks.
