@@ -41,8 +41,8 @@ class Variant:
 
 @contextmanager
 def recorded_weights():
-    """Record ``(row ids, weights)`` of every CW-GRPO loss call in this rank (``ROW_ID`` of the micro-batch's
-    rows, and the ``[b, T]`` weights the call applied)."""
+    """Record ``(row ids, response mask, weights)`` of every CW-GRPO loss call in this rank (``ROW_ID`` of the
+    micro-batch's rows, its ``[b, T]`` response mask and the ``[b, T]`` weights the call applied)."""
     from verl.utils import tensordict_utils as tu
 
     from cw_verl import verl_losses
@@ -50,7 +50,7 @@ def recorded_weights():
     calls = []
 
     def record(micro_batch, response_mask, weights):
-        calls.append((list(tu.get(micro_batch, ROW_ID)), weights.detach().clone()))
+        calls.append((list(tu.get(micro_batch, ROW_ID)), response_mask.detach().clone(), weights.detach().clone()))
 
     verl_losses.weight_observers.append(record)
     try:
@@ -65,7 +65,7 @@ def _weights_by_row(calls, batch) -> torch.Tensor:
     weights = torch.ones(mask.shape, dtype=torch.float64)
     position = {int(row_id): index for index, row_id in enumerate(batch.non_tensor_batch[ROW_ID])}
     seen = torch.zeros(len(mask), dtype=torch.bool)
-    for row_ids, call_weights in calls:
+    for row_ids, _, call_weights in calls:
         for row, row_id in enumerate(row_ids):
             index = position[int(row_id)]
             length = int(mask[index].sum())
