@@ -19,13 +19,15 @@ PERCENTILE_PREFIXES = ("actor/cw/cov_", "actor/cw/sigma")
 def covariance_percentiles(batch) -> dict[str, float]:
     """``actor/cw/sigma``, ``actor/cw/cov_mean`` and ``actor/cw/cov_{pos,neg}_top_*`` of a verl batch
     (``old_log_probs``, ``advantages``, ``response_mask``), over all its tokens (cw_grpo's default scope)."""
-    from cw_verl.verl_losses import covariance_metrics
-    from cw_verl.weights import CompactTokens, local_gather, weigh_tokens
+    from cw_verl.verl_losses import RANK_METRICS, SCOPE_METRICS, _scope_metrics
+    from cw_verl.weights import raise_for_bad_input, scope_statistics
 
     tensors = batch.batch
-    tokens = CompactTokens.from_padded(tensors["old_log_probs"], tensors["advantages"], tensors["response_mask"])
-    weights, cov, stats = weigh_tokens(tokens, local_gather)
-    metrics = covariance_metrics(weights, cov, stats)
+    advantages, mask = tensors["advantages"], tensors["response_mask"]
+    stats, tokens = scope_statistics(tensors["old_log_probs"], advantages, mask)
+    raise_for_bad_input(stats.status.tolist(), stats.local_problem, tokens=(advantages, mask))
+    values = _scope_metrics(stats, tokens).tolist()
+    metrics = {f"actor/cw/{name}": value for name, value in zip(SCOPE_METRICS + RANK_METRICS, values, strict=True)}
     return {key: value for key, value in metrics.items() if key.startswith(PERCENTILE_PREFIXES)}
 
 
