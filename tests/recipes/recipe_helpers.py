@@ -90,3 +90,13 @@ def run_recipes(
         done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         del running[name]
     return done
+
+
+def flatten(node, prefix=""):
+    """A dumped config (nested dicts) as ``{"a.b.c": value}``, to compare two recipes' settings key by key."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import yaml
-from recipe_helpers import make_model, recipe_env, run_recipes
+from recipe_helpers import flatten, make_model, recipe_env, run_recipes
 
 from cw_verl.paper import launch_check, memory
 
@@ -48,15 +48,6 @@ def sized_models(tmp_path_factory):
         "qwen7b": real_size_model(root / "qwen7b", QWEN7B_DIMS, 4096, "qwen_math"),
         "r1_1p5b": real_size_model(root / "r1", R1_1P5B_DIMS, 131072, "r1_distill"),
     }
-
-
-def flatten(node, prefix=""):
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,12 @@ import subprocess
 import pytest
 import yaml
 
+from tests.recipes.recipe_helpers import flatten
 from tests.trainer import tiny_runs
 
 ARMS = ("grpo", "cw_grpo")
 # The module fixture builds the tiny assets and runs two launch checks: a few minutes on a loaded 2-core box.
 pytestmark = pytest.mark.timeout(1800)
-
-
-def flatten(node, prefix=""):
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
 
 
 @pytest.fixture(scope="module")
