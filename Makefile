@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP) lint
 	$(PYTHON) -m cw_verl check
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest --durations=25
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check .
