@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import yaml
-from recipe_helpers import RECIPES, recipe_env, run_recipes
+from recipe_helpers import RECIPES, flatten, recipe_env, run_recipes
 
 ARMS = ("grpo", "clip_cov", "cw_grpo")
 MODELS = ("qwen7b", "r1_1p5b")
@@ -81,15 +81,6 @@ def fake_trainer(tmp):
     )
     script.chmod(0o755)
     return script
-
-
-def flatten(node, prefix=""):
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
 
 
 def get(cfg, dotted):
