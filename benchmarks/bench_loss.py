@@ -14,6 +14,13 @@ compute theirs).
 cw_grpo's default (mini-batch) scope computes its statistics and metrics on the first loss call of an
 optimizer mini-batch and reuses them on the others, so it is timed twice: ``cw_grpo@first`` (the mini-batch
 is this one micro-batch: statistics, metrics and loss) and ``cw_grpo@later`` (cached statistics).
+Allocator: by default glibc hands every freed block above its mmap threshold (128 KiB at first) back to
+the operating system, so each new [B, T] tensor costs page faults proportional to its size, and the ratios
+then measure allocation counts as much as arithmetic (a loss's backward could come out cheaper than its
+forward). ``--allocator retain`` (the default) raises glibc's mmap and trim thresholds at start-up
+(``mallopt``), as a long-running trainer's heap and a GPU's caching allocator behave; ``--allocator
+system`` leaves glibc as it is.
+
 Single process: the statistics make no collective here; a DP run adds three small all-gathers per
 mini-batch, and a one-element all-gather per loss call for the collective input check (counted below).
 """
@@ -28,6 +35,17 @@ import torch.utils.benchmark as benchmark
 import verl  # noqa: F401  (loads the cw_verl plugin)
 
 GROUP = 8
+
+
+def retain_freed_memory() -> None:
+    """Keep freed blocks in the process's heap (glibc ``mallopt``), so that allocations do not page-fault."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest mmap threshold on 64-bit
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+    libc.mallopt(m_top_pad, 256 * 2**20)
 
 
 def make_inputs(batch: int, length: int, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -160,6 +178,7 @@ def main(argv=None) -> int:
     parser.add_argument("--min-run-time", type=float, default=4.0, help="seconds per measurement, over all rounds")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds per measurement")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory timeline")
+    parser.add_argument("--allocator", choices=("retain", "system"), default="retain", help="see the module docstring")
     parser.add_argument(
         "--threads",
         type=int,
@@ -168,8 +187,10 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.allocator == "retain":
+        retain_freed_memory()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, allocator: {args.allocator}")
     print(
         f"{'shape':>9} {'dtype':>8} {'loss':>19} {'forward ms':>10} {'ratio':>6} {'fwd+bwd ms':>10} {'ratio':>6}",
         end="",

@@ -20,6 +20,11 @@ share (a semantic choice, not a knob to tune):
 ``cw_grpo``
     :data:`DEFAULT_SCOPE`.
 
+The wide scopes' statistics pass weighs every token of the mini-batch; a first loss call whose micro-batch
+is the whole mini-batch (same values; on a GPU, same memory) applies those weights instead of computing
+them again (:class:`StatisticsPass`): they are bitwise the weights :func:`cw_verl.weights.token_weights`
+gives every other call.
+
 Metrics (``actor/cw/...``) add no collective. ``sigma``, ``cov_mean``, ``num_tokens``, ``excluded_tokens``,
 ``weight_min`` and ``weight_max`` are exact for the whole scope (identical on every rank; with the group
 scope, sigma is the token-weighted RMS over groups); ``weight_mean``, ``frac_below_half`` and the covariance
@@ -52,6 +57,7 @@ from cw_verl.weights import (
     ScopeStatistics,
     WeighedTokens,
     check_inputs,
+    float_mask,
     raise_for_bad_input,
     scope_statistics,
     token_weights,
@@ -128,8 +134,9 @@ def _scope_metrics(stats: ScopeStatistics, tokens: WeighedTokens | None) -> torc
         return torch.cat([summary, torch.zeros(len(RANK_METRICS), dtype=torch.float64, device=summary.device)])
     count = tokens.valid.sum()
     safe = count.clamp(min=1.0)
-    # Positions outside the statistics weigh exactly 0, so they are all "below one half".
-    below_half = (tokens.weights < 0.5).sum() - (tokens.valid.numel() - count)
+    # Positions outside the statistics weigh exactly 0, so they are all "below one half". sign(0.5 - w)
+    # clamped at 0 counts w < 0.5 without a comparison pass (ten times slower on a CPU).
+    below_half = torch.rsub(tokens.weights, 0.5).sign_().clamp_(min=0.0).sum() - (tokens.valid.numel() - count)
     rank = torch.stack([tokens.weights.sum() / safe, below_half / safe]).to(torch.float64)
     rank = torch.where(count > 0, rank, torch.tensor([1.0, 0.0], dtype=torch.float64, device=rank.device))
     percentiles = order_statistics(tokens.cov, tokens.valid, count).to(summary.device)
@@ -182,18 +189,57 @@ class MiniBatchStatistics:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class StatisticsPass:
+    """The mini-batch's ``[B, T]`` inputs and weighed tokens from the statistics pass, kept for the first loss
+    call only: when that call's micro-batch is the whole mini-batch, its weights are these (the same
+    operations on the same numbers, :func:`cw_verl.weights.token_weights`), and are not computed twice."""
+
+    old_log_prob: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    tokens: WeighedTokens
+
+    def weights_for(self, old_log_prob, advantages, mask, slots) -> torch.Tensor | None:
+        """The pass's weights if the call's inputs (and segment slots) are the mini-batch's, else ``None``."""
+        if not (old_log_prob.shape == self.old_log_prob.shape and old_log_prob.dtype == self.old_log_prob.dtype):
+            return None
+        if slots is not None and not _same_values(slots, self.tokens.slots):
+            return None
+        same = (
+            _same_values(old_log_prob, self.old_log_prob)
+            and _same_values(advantages, self.advantages)
+            and _same_values(mask.to(torch.bool), self.mask.to(torch.bool))
+        )
+        return self.tokens.weights if same else None
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values: at once for two views of the same memory, else
+    ``torch.equal`` on a CPU. On a GPU ``torch.equal`` waits for the device, which costs more than the
+    weights it would save: there only the same memory counts."""
+    if a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr():
+        return True
+    return a.device.type == "cpu" and b.device.type == "cpu" and torch.equal(a, b)
+
+
+def _statistics_pass_key(scope: str) -> str:
+    return f"{scope}/statistics_pass"
+
+
 def _group_rows_problem(stats: ScopeStatistics, rollout_n: int) -> torch.Tensor:
     """1.0 (on the device) when some prompt group of the mini-batch does not have ``rollout_n`` responses."""
     present = stats.rows > 0
     return (present & (stats.rows != rollout_n)).any().to(torch.float64)[None]
 
 
-def mini_batch_statistics(scope: str, group, config, device) -> MiniBatchStatistics:
+def mini_batch_statistics(scope: str, group, config, device, call_shape=None) -> MiniBatchStatistics:
     """Statistics of this optimizer mini-batch in ``scope``, computed on its first loss call and cached.
 
     The mini-batch's ``old_log_probs``, ``advantages`` and ``response_mask`` are moved to ``device`` (where
     the micro-batches run); the statistics, weights and metrics stay there until one read to the host,
-    which also carries every rank's input check.
+    which also carries every rank's input check. When the first call's ``[B, T]`` ``call_shape`` is the
+    mini-batch's, the pass's weighed tokens are kept for that call (:class:`StatisticsPass`).
     """
     call = current_train_batch()
     if call is None:
@@ -233,6 +279,8 @@ def mini_batch_statistics(scope: str, group, config, device) -> MiniBatchStatist
         )
     result = MiniBatchStatistics(stats, _metrics_dict(values[1 : 1 + len(SCOPE_METRICS) + len(RANK_METRICS)]))
     call.cache[scope] = result
+    if call_shape is not None and tuple(call_shape) == tuple(mask.shape):
+        call.cache[_statistics_pass_key(scope)] = StatisticsPass(old_log_prob, advantages, mask, tokens)
     return result
 
 
@@ -329,7 +377,8 @@ def cw_grpo_policy_loss(
         if tokens is None:
             raise_for_bad_input(np.asarray(checks.tolist()[metric_count:]).reshape(-1, 3), stats.local_problem)
     else:
-        scoped = mini_batch_statistics(scope, group, config, device)
+        call_shape = None if problem is not None else response_mask.shape
+        scoped = mini_batch_statistics(scope, group, config, device, call_shape)
         stats, metrics = scoped.stats, dict(scoped.metrics)
         flag = torch.zeros(1, dtype=torch.float64, device=device)
         if problem is None and scope == GROUP:
@@ -349,13 +398,17 @@ def cw_grpo_policy_loss(
             _raise_together(checks.tolist(), problem, UNCOVERED, group)
 
     dtype = torch.promote_types(log_prob.dtype, torch.float32)
-    mask = response_mask.to(dtype)
+    mask = float_mask(response_mask, dtype)
     if scope == MICROBATCH:
         weights = tokens.weights
         # The tokens left out of the statistics (non-finite log-prob) weigh 0; keep their PPO term finite.
         log_prob = torch.nan_to_num(log_prob, nan=0.0, posinf=0.0, neginf=0.0)
     else:
-        weights = token_weights(stats, old_log_prob, advantages, slots) * mask
+        # The first call of a mini-batch may be the whole mini-batch (one micro-batch per update).
+        first = current_train_batch().cache.pop(_statistics_pass_key(scope), None)
+        weights = None if first is None else first.weights_for(old_log_prob, advantages, response_mask, slots)
+        if weights is None:
+            weights = token_weights(stats, old_log_prob, advantages, slots) * mask
     if weight_observers:
         call = current_loss_call()
         for observer in weight_observers:

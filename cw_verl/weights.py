@@ -16,18 +16,24 @@ reduction group and every rank merges the stack identically, on the inputs' devi
 anything back to the host. Each round needs the result of the one before, so three is the minimum:
 
 1. token counts and sums of log-probs and advantages -> the means (and a first estimate of mean(c));
-2. with the global means, every token's ``c``; sums of ``c - estimate`` and its square -> sigma. The
-   estimate is within rounding of mean(c), so sigma comes from centred values and never from the
-   difference of raw moments E[c^2] - E[c]^2, which cancels when sigma << |mean(c)|;
-3. with sigma, the log-sum-exp of ``-c^2 / 2 sigma^2`` -> the normaliser (no 0/0 when every kernel value
-   underflows).
+2. with the global means, every token's ``c``; sums of ``c - estimate`` and its square -> sigma, and the
+   smallest and largest ``|c|``. The estimate is within rounding of mean(c), so sigma comes from centred
+   values and never from the difference of raw moments E[c^2] - E[c]^2, which cancels when
+   sigma << |mean(c)|;
+3. with sigma and the smallest ``|c|``, the sum of the kernel ``exp(-(c^2 - c_min^2) / 2 sigma^2)`` -> the
+   normaliser. The kernel is at most 1 and is 1 at the smallest ``|c|``, so the sum is at least 1: no
+   0/0 when ``exp(-c^2 / 2 sigma^2)`` itself underflows everywhere.
 
 Numerics. Per-token values are computed in the inputs' precision, at least float32 (float64 inputs stay
 float64); every cross-row and cross-rank sum is float64. Each token's ``c`` is a pointwise function of the
-global means, so it is the same number whichever rank or micro-batch holds the token. A sigma below the
-rounding error of the computed ``c`` themselves (:data:`FLOOR_ULPS` units of the compute precision, scaled
-by the terms that round) is not a spread of ``c`` but noise, and counts as 0: then, as whenever the exact
-``c`` of a segment are all equal (e.g. any 2-token segment, or equal advantages), the weights are exactly 1.
+global means, so it is the same number whichever rank or micro-batch holds the token, and so is its weight:
+the weights applied by a loss call (:func:`token_weights`) are bitwise those of the statistics pass. A sigma
+below the rounding error of the computed ``c`` themselves (:data:`FLOOR_ULPS` units of the compute
+precision, scaled by the terms that round) is not a spread of ``c`` but noise, and counts as 0: then, as
+whenever the exact ``c`` of a segment are all equal (e.g. any 2-token segment, or equal advantages), the
+weights are exactly 1. A kernel value below the smallest normal number of the compute precision
+(``|c|`` more than ~13 sigma above the smallest) is that number instead (about 1e-38 in float32): on a CPU
+``exp`` of a result that underflows is 10-40 times slower than of any other, and no sum can see the difference.
 
 Bad input. A valid token whose log-prob is not finite takes no part: it is left out of the statistics,
 weighs 0, and is counted (``num_excluded``). A non-finite advantage at a valid token, or malformed tensors
@@ -56,6 +62,11 @@ _NO_KEY = torch.iinfo(torch.int64).max  # sorts after every key: the slots of th
 _BIG = 1e18  # added to |c| at invalid positions so that they never win a min (its square fits float32)
 
 
+def kernel_limit(dtype: torch.dtype) -> float:
+    """The largest kernel exponent kept in ``dtype``: ``exp(-limit)`` is still a normal number."""
+    return float(math.floor(-math.log(torch.finfo(dtype).tiny)))
+
+
 def local_gather(table: torch.Tensor) -> torch.Tensor:
     """The :data:`Gather` of a scope that lives on this process alone."""
     return table.unsqueeze(0)
@@ -68,6 +79,14 @@ class CovarianceInputError(ValueError):
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Precision of the per-token arithmetic: the input's, at least float32."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``mask`` as 0/1 in ``dtype``. A bool mask converts through its bytes (bool holds 0/1 in one byte):
+    torch's bool -> float conversion on a CPU is ~6x slower than uint8 -> float."""
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8).to(dtype)
+    return mask.to(dtype)
 
 
 def check_inputs(log_prob, advantages, mask) -> str | None:
@@ -92,8 +111,9 @@ class ScopeStatistics:
     row of the gathered stack (``G = ranks * max_segments``), sorted by key; slots with ``rows == 0``
     hold no segment. ``variance`` is that of ``c`` (0 below the rounding floor), ``cov_mean`` is mean(c)
     (the population covariance of log-prob and advantage). A token of the segment weighs
-    ``w~ = exp(log_norm - (|c| - abs_c_min) (|c| + abs_c_min) inv_two_var)``: the exponent is
-    ``-(c^2 - c_min^2) / 2 sigma^2`` written so that it keeps its precision when sigma << |c|.
+    ``w~ = norm * exp(-(|c| - abs_c_min) (|c| + abs_c_min) inv_two_var)`` (:func:`kernel`): the exponent is
+    ``-(c^2 - c_min^2) / 2 sigma^2`` written so that it keeps its precision when sigma << |c|, and ``norm``
+    is ``N / sum(kernel)``, the largest weight.
     ``status`` is ``[ranks, 3]``: per rank, unusable input (1/0), non-finite advantages at valid tokens
     (count), and the rank's compute precision eps. ``local_problem`` is why this rank's input was unusable.
     """
@@ -108,7 +128,8 @@ class ScopeStatistics:
     variance: torch.Tensor
     inv_two_var: torch.Tensor
     abs_c_min: torch.Tensor
-    log_norm: torch.Tensor
+    abs_c_max: torch.Tensor
+    norm: torch.Tensor
     weight_min: torch.Tensor
     weight_max: torch.Tensor
     status: torch.Tensor
@@ -169,6 +190,18 @@ def kernel_exponent(abs_c, abs_c_min, inv_two_var):
     return (abs_c - abs_c_min).mul_(abs_c + abs_c_min).mul_(inv_two_var)
 
 
+def kernel(abs_c: torch.Tensor, abs_c_min, inv_two_var) -> torch.Tensor:
+    """``exp(-(c^2 - c_min^2) / 2 sigma^2)`` of ``|c|`` (a new tensor), in (0, 1] where ``|c| >= c_min``.
+
+    The exponent is clamped to ``[0, kernel_limit]``: below 0 it only occurs away from the valid tokens
+    (whose weights are then masked, and must not overflow on the way), above the limit ``exp`` would
+    underflow, which a CPU computes 10-40 times slower than any other value. NaN stays NaN.
+    """
+    # -(|c| - c_min)(|c| + c_min) / 2 sigma^2, negated on the [B, 1] factor rather than on the [B, T] product.
+    negative_exponent = (abs_c - abs_c_min).mul_(abs_c + abs_c_min).mul_(-inv_two_var)
+    return negative_exponent.clamp_(-kernel_limit(negative_exponent.dtype), 0.0).exp_()
+
+
 def _local_segments(row_keys: torch.Tensor | None, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's sorted segment keys and each row's index into them (on the host, where keys are made)."""
     if row_keys is None:
@@ -186,8 +219,8 @@ def _segment_sum(per_row: torch.Tensor, row_segment: torch.Tensor, capacity: int
 # Round-1 table: row 0 holds this rank's status, rows 1.. one local segment each.
 KEY, ROWS, N, EXCLUDED, SUM_L, SUM_A, SUM_LA, SUM_LL, SUM_AA = range(9)
 MALFORMED, BAD_ADVANTAGES, EPS = range(3)
-# Round-3 table: per local segment the smallest and largest |c| and sum(exp(-exponent)) about the smallest.
-C_MIN, C_MAX, KERNEL_SUM = range(3)
+# Round-2 table: per local segment the sum of c - estimate, of its square, and the smallest and largest |c|.
+DEVIATION, DEVIATION_SQUARED, C_MIN, C_MAX = range(4)
 
 
 @dataclass(frozen=True)
@@ -268,21 +301,21 @@ def scope_statistics(
         # Join all three rounds with empty tables, so that every rank learns of the problem together.
         table[0, MALFORMED] = 1.0
         merge = _merge_round1(gather(table))
-        stats = _finish(merge, gather(torch.zeros(capacity, 2, dtype=F64, device=device)), None, problem)
-        empty = torch.zeros(capacity, 3, dtype=F64, device=device)
-        empty[:, C_MIN], empty[:, C_MAX] = math.inf, -math.inf
-        return _normalise(stats, merge, gather(empty)), None
+        stats = _finish(merge, gather(_empty_round2(capacity, device)), None, problem)
+        return _normalise(stats, merge, gather(torch.zeros(capacity, 1, dtype=F64, device=device))), None
 
     # Round 1: counts and sums of each row's valid tokens. Every per-token step is arithmetic: on a CPU a
     # boolean pass (where, comparisons) costs ten arithmetic ones, and on a GPU nothing here syncs.
     dtype = compute_dtype(torch.promote_types(log_prob.dtype, advantages.dtype))
     row_segment = row_segment.to(device, non_blocking=True)
-    mask_f = mask.to(dtype)
+    mask_f = float_mask(mask, dtype)
     logp = log_prob.detach().to(dtype)
     adv = advantages.detach().to(dtype)
     # x - x is 0 for finite x and NaN otherwise: a 0/1 indicator of non-finite values.
-    valid = torch.addcmul(mask_f, mask_f, torch.sub(logp, logp).nan_to_num_(nan=1.0), value=-1.0)
-    bad_advantages = torch.sub(adv, adv).nan_to_num_(nan=1.0).mul_(valid).sum()
+    non_finite = torch.sub(logp, logp).nan_to_num_(nan=1.0)
+    valid = torch.addcmul(mask_f, mask_f, non_finite, value=-1.0)
+    torch.sub(adv, adv, out=non_finite).nan_to_num_(nan=1.0)
+    bad_advantages = torch.dot(non_finite.view(-1), valid.view(-1))
     logp0 = torch.nan_to_num(logp, nan=0.0, posinf=0.0, neginf=0.0).mul_(valid)
     adv0 = torch.nan_to_num(adv, nan=0.0, posinf=0.0, neginf=0.0).mul_(valid)
     num_valid = valid.sum(1)
@@ -305,52 +338,47 @@ def scope_statistics(
     table[0, EPS] = torch.finfo(dtype).eps
     merge = _merge_round1(gather(table))
 
-    # Round 2: every token's c from the global means, summed about an estimate of mean(c).
+    # Round 2: every token's c from the global means, summed about an estimate of mean(c); the extremes of
+    # |c|, where invalid positions get |c| + _BIG so that they never hold the minimum.
     slots = torch.searchsorted(merge.keys, local_keys.to(device, non_blocking=True))[row_segment]
     n = merge.sums[:, N - 1].clamp(min=1.0)
     logp_mean = merge.sums[:, SUM_L - 1] / n
     adv_mean = merge.sums[:, SUM_A - 1] / n
     cov_estimate = merge.sums[:, SUM_LA - 1] / n - logp_mean * adv_mean
     per_slot = torch.stack([logp_mean, adv_mean, cov_estimate], dim=1).to(dtype)[slots]
-    cov = (logp0 - per_slot[:, 0:1]).mul_(valid).mul_(adv0 - per_slot[:, 1:2])
-    deviation = torch.addcmul(cov, valid, per_slot[:, 2:3], value=-1.0)
-    per_row = torch.stack([deviation.sum(1), torch.linalg.vector_norm(deviation, dim=1).square_()], dim=1)
-    round2 = gather(_segment_sum(per_row, row_segment, capacity))
-    stats = _finish(merge, round2, (logp_mean, adv_mean, cov_estimate), None)
-
-    # Round 3: per row the smallest |c| and the kernel summed about it; merged as a log-sum-exp. Invalid
-    # positions get |c| = _BIG, so that they never hold the minimum, and the kernel 0.
-    inv_two_var = stats.inv_two_var.to(dtype)[slots][:, None]
+    centred_adv = adv0 - per_slot[:, 1:2]
+    cov = (logp0 - per_slot[:, 0:1]).mul_(valid).mul_(centred_adv)
+    deviation = torch.addcmul(cov, valid, per_slot[:, 2:3], value=-1.0, out=centred_adv)
     abs_cov = cov.abs()
-    row_max = abs_cov.amax(1)
-    abs_cov.add_(valid.sub(1.0).mul_(-_BIG))
-    row_min = abs_cov.amin(1, keepdim=True)  # _BIG for a row without valid tokens
-    kernel = kernel_exponent(abs_cov, row_min, inv_two_var).neg_().exp_().mul_(valid)
     has_tokens = num_valid > 0
     per_row = torch.stack(
         [
-            torch.where(has_tokens, row_min[:, 0], math.inf).to(F64),
-            torch.where(has_tokens, row_max, -math.inf).to(F64),
-            kernel.sum(1).to(F64),
+            deviation.sum(1).to(F64),
+            torch.linalg.vector_norm(deviation, dim=1).square_().to(F64),
+            torch.where(has_tokens, torch.add(abs_cov, torch.rsub(valid, 1.0), alpha=_BIG).amin(1), math.inf).to(F64),
+            torch.where(has_tokens, abs_cov.amax(1), -math.inf).to(F64),
         ],
         dim=1,
     )
-    local_min = torch.full((capacity,), math.inf, dtype=F64, device=device)
-    local_min = local_min.scatter_reduce(0, row_segment, per_row[:, C_MIN], reduce="amin")
-    local_max = torch.full((capacity,), -math.inf, dtype=F64, device=device)
-    local_max = local_max.scatter_reduce(0, row_segment, per_row[:, C_MAX], reduce="amax")
-    # Each row's sum was taken about its own smallest |c|: rescale to the segment's.
-    segment_min = local_min[row_segment]
-    rescale = torch.exp(-kernel_exponent(per_row[:, C_MIN], segment_min, stats.inv_two_var[slots]))
-    rescaled = torch.where(has_tokens, per_row[:, KERNEL_SUM] * rescale, 0.0)
-    local_sum = torch.zeros(capacity, dtype=F64, device=device).index_add_(0, row_segment, rescaled)
-    stats = _normalise(stats, merge, gather(torch.stack([local_min, local_max, local_sum], dim=1)))
+    local = _empty_round2(capacity, device)
+    local[:, :2].index_add_(0, row_segment, per_row[:, :2])
+    local[:, C_MIN].scatter_reduce_(0, row_segment, per_row[:, C_MIN], reduce="amin")
+    local[:, C_MAX].scatter_reduce_(0, row_segment, per_row[:, C_MAX], reduce="amax")
+    stats = _finish(merge, gather(local), (logp_mean, adv_mean, cov_estimate), None)
 
-    scale = stats.log_norm[slots] - kernel_exponent(
-        row_min[:, 0].to(F64), stats.abs_c_min[slots], stats.inv_two_var[slots]
-    )
-    weights = kernel.mul_(torch.exp(torch.where(has_tokens, scale, 0.0)).to(dtype)[:, None])
+    # Round 3: the kernel about the segment's smallest |c| (0 at invalid positions), summed.
+    abs_c_min = stats.abs_c_min.to(dtype)[slots][:, None]
+    weights = kernel(abs_cov, abs_c_min, stats.inv_two_var.to(dtype)[slots][:, None]).mul_(valid)
+    stats = _normalise(stats, merge, gather(_segment_sum(weights.sum(1, keepdim=True), row_segment, capacity)))
+    weights.mul_(stats.norm.to(dtype)[slots][:, None])
     return stats, WeighedTokens(weights=weights, cov=cov, valid=valid, slots=slots)
+
+
+def _empty_round2(capacity: int, device) -> torch.Tensor:
+    """A round-2 table without tokens: zero sums, and the extremes of nothing."""
+    table = torch.zeros(capacity, 4, dtype=F64, device=device)
+    table[:, C_MIN], table[:, C_MAX] = math.inf, -math.inf
+    return table
 
 
 def _finish(merge: _Merge, stack2: torch.Tensor, means, problem: str | None) -> ScopeStatistics:
@@ -363,10 +391,10 @@ def _finish(merge: _Merge, stack2: torch.Tensor, means, problem: str | None) -> 
         logp_mean = adv_mean = cov_estimate = zero
     else:
         logp_mean, adv_mean, cov_estimate = means
-    round2 = merge.add(stack2)
-    mean_deviation = round2[:, 0] / safe
+    round2 = merge.add(stack2[..., :2])
+    mean_deviation = round2[:, DEVIATION] / safe
     # About an estimate within rounding of mean(c): no cancellation beyond that rounding.
-    variance = (round2[:, 1] / safe - mean_deviation.square()).clamp(min=0.0)
+    variance = (round2[:, DEVIATION_SQUARED] / safe - mean_deviation.square()).clamp(min=0.0)
     cov_mean = cov_estimate + mean_deviation
     # Second moments about the means, for the size of the rounding (the raw-moment form is only a bound).
     logp_var = (sums[:, SUM_LL - 1] / safe - logp_mean.square()).clamp(min=0.0)
@@ -376,6 +404,7 @@ def _finish(merge: _Merge, stack2: torch.Tensor, means, problem: str | None) -> 
     spread = variance > (FLOOR_ULPS * eps).square() * noise
     variance = torch.where(spread, variance, 0.0)
     zeros = torch.zeros_like(n)
+    has_tokens = n > 0
     return ScopeStatistics(
         keys=merge.keys,
         rows=sums[:, ROWS - 1],
@@ -386,8 +415,9 @@ def _finish(merge: _Merge, stack2: torch.Tensor, means, problem: str | None) -> 
         cov_mean=cov_mean,
         variance=variance,
         inv_two_var=torch.where(spread, 0.5 / torch.where(spread, variance, 1.0), 0.0),
-        abs_c_min=zeros,
-        log_norm=zeros,
+        abs_c_min=torch.where(has_tokens, merge.reduce(stack2[..., C_MIN], "amin", math.inf), 0.0),
+        abs_c_max=torch.where(has_tokens, merge.reduce(stack2[..., C_MAX], "amax", -math.inf), 0.0),
+        norm=zeros,
         weight_min=zeros,
         weight_max=zeros,
         status=merge.status,
@@ -396,19 +426,13 @@ def _finish(merge: _Merge, stack2: torch.Tensor, means, problem: str | None) -> 
 
 
 def _normalise(stats: ScopeStatistics, merge: _Merge, stack3: torch.Tensor) -> ScopeStatistics:
-    """Round-3 merge: ``log(N / sum(w))`` per slot as a log-sum-exp, and the extreme weights."""
+    """Round-3 merge: ``norm = N / sum(kernel)`` per slot (the largest weight), and the smallest weight."""
     has_tokens = stats.num_tokens > 0
-    c_min = torch.where(has_tokens, merge.reduce(stack3[..., C_MIN], "amin", math.inf), 0.0)
-    c_max = torch.where(has_tokens, merge.reduce(stack3[..., C_MAX], "amax", -math.inf), 0.0)
-    entries = stack3.reshape(-1, 3)
-    slots = merge.slot_of_entry
-    inv = stats.inv_two_var[slots]
-    rescale = torch.exp(-kernel_exponent(entries[:, C_MIN], c_min[slots], inv))
-    term = torch.where(entries[:, KERNEL_SUM] > 0, entries[:, KERNEL_SUM] * rescale, 0.0)
-    total = torch.zeros(len(merge.keys), dtype=F64, device=entries.device).index_add_(0, slots, term)
-    log_norm = torch.where(has_tokens, torch.log(stats.num_tokens.clamp(min=1.0)) - torch.log(total), 0.0)
-    weight_min = torch.exp(log_norm - kernel_exponent(c_max, c_min, stats.inv_two_var))
-    return replace(stats, abs_c_min=c_min, log_norm=log_norm, weight_min=weight_min, weight_max=torch.exp(log_norm))
+    total = merge.add(stack3)[:, 0]
+    norm = torch.where(has_tokens, stats.num_tokens / torch.where(has_tokens, total, 1.0), 1.0)
+    largest_exponent = kernel_exponent(stats.abs_c_max, stats.abs_c_min, stats.inv_two_var)
+    weight_min = norm * torch.exp(-largest_exponent)
+    return replace(stats, norm=norm, weight_min=weight_min, weight_max=norm)
 
 
 def token_weights(
@@ -432,14 +456,17 @@ def token_weights(
         out of the statistics). Positions outside the rows' masks get a value too: mask them.
     """
     dtype = compute_dtype(torch.promote_types(log_prob.dtype, advantages.dtype))
-    fields = (stats.logp_mean, stats.adv_mean, stats.inv_two_var, stats.abs_c_min, stats.log_norm)
+    fields = (stats.logp_mean, stats.adv_mean, stats.inv_two_var, stats.abs_c_min, stats.norm)
     params = torch.stack(fields, dim=1).to(dtype)  # [G, 5]
     params = (params[:1] if row_slots is None else params[row_slots])[:, :, None]  # [B or 1, 5, 1]
-    logp_mean, adv_mean, inv_two_var, abs_c_min, log_norm = params.unbind(1)
-    abs_cov = ((log_prob.detach().to(dtype) - logp_mean) * (advantages.detach().to(dtype) - adv_mean)).abs_()
-    exponent = (abs_cov - abs_c_min).mul_(abs_cov + abs_c_min)
-    weights = torch.addcmul(log_norm, exponent, inv_two_var, value=-1.0).exp_()
-    # A non-finite log-prob makes |c| infinite (weight exp(-inf) = 0) or NaN: both weigh 0.
+    logp_mean, adv_mean, inv_two_var, abs_c_min, norm = params.unbind(1)
+    # A non-finite log-prob becomes NaN (an infinite |c| would be clamped to the smallest kernel, not 0),
+    # and its NaN weight 0 below.
+    nan = math.nan
+    logp = torch.nan_to_num(log_prob.detach().to(dtype), nan=nan, posinf=nan, neginf=nan)
+    # The same operations as the statistics pass (scope_statistics), so that the weights are bitwise its own.
+    abs_cov = (logp - logp_mean).mul_(advantages.detach().to(dtype) - adv_mean).abs_()
+    weights = kernel(abs_cov, abs_c_min, inv_two_var).mul_(norm)
     return torch.nan_to_num_(weights, nan=0.0, posinf=0.0, neginf=0.0)
 
 

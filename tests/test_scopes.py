@@ -161,3 +161,45 @@ def test_a_bad_micro_batch_on_one_rank_stops_every_rank_at_that_call():
         assert (good[0], bad[0]) == (bad_call, bad_call), loss_mode
         assert "(4, 11)" in bad[1]  # the bad rank names its malformed tensor
         assert "rank(s) [1]" in good[1]
+
+
+@pytest.mark.parametrize("loss_mode", ["cw_grpo_minibatch", "cw_grpo_group"])
+def test_a_first_call_holding_the_whole_mini_batch_reuses_the_statistics_pass(loss_mode, monkeypatch):
+    """One micro-batch per mini-batch: the weights of the statistics pass are applied, not computed again
+    (bitwise the same, tests/test_weights.py); a micro-batch of the same shape but other values is weighed
+    anew."""
+    import verl  # noqa: F401  (registers the losses)
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+    from verl.utils import tensordict_utils as tu
+
+    from cw_verl import verl_losses
+    from cw_verl.distributed import loss_call, train_batch_call
+    from tests.toy_policy import actor_config, global_batch
+
+    batch = global_batch(torch.float64)
+    uids = [f"prompt-{i // GROUP_SIZE}" for i in range(len(batch["mask"]))]
+    fields = {"old_log_probs": batch["old_log_prob"], "advantages": batch["advantages"], "response_mask": batch["mask"]}
+    mini_batch = tu.get_tensordict({**fields, "uid": uids})
+    calls = []
+    original = verl_losses.token_weights
+    monkeypatch.setattr(verl_losses, "token_weights", lambda *a, **k: calls.append(1) or original(*a, **k))
+    observed = []
+    monkeypatch.setattr(verl_losses, "weight_observers", [lambda _, __, w: observed.append(w)])
+
+    def one_call(advantages):
+        micro_batch = tu.get_tensordict({**fields, "advantages": advantages, "uid": uids})
+        with train_batch_call(mini_batch), loss_call(None, micro_batch):
+            return get_policy_loss_fn(loss_mode)(
+                old_log_prob=batch["old_log_prob"].clone(),  # other memory, same values
+                log_prob=batch["old_log_prob"] + 0.01,
+                advantages=advantages,
+                response_mask=batch["mask"],
+                loss_agg_mode="token-mean",
+                config=actor_config(),
+            )
+
+    one_call(batch["advantages"].clone())
+    assert calls == []  # the pass's weights
+    one_call(batch["advantages"] * 1.5)
+    assert calls == [1]  # same shape, other advantages: weighed from the statistics
+    assert not torch.equal(observed[0], observed[1])

@@ -7,7 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cw_verl.weights import CovarianceInputError, covariance_weights, scope_statistics
+from cw_verl.weights import (
+    CovarianceInputError,
+    covariance_weights,
+    float_mask,
+    kernel_limit,
+    scope_statistics,
+    token_weights,
+)
 from tests.lockstep import run_lockstep
 from tests.reference import reference_weights
 
@@ -38,7 +45,17 @@ batches = st.builds(
 
 def assert_identical(stats, other):
     """Every rank must hold bitwise the same statistics."""
-    for name in ("keys", "num_tokens", "logp_mean", "adv_mean", "variance", "log_norm", "abs_c_min", "inv_two_var"):
+    for name in (
+        "keys",
+        "num_tokens",
+        "logp_mean",
+        "adv_mean",
+        "variance",
+        "norm",
+        "abs_c_min",
+        "abs_c_max",
+        "inv_two_var",
+    ):
         assert torch.equal(getattr(stats, name), getattr(other, name)), name
 
 
@@ -272,7 +289,7 @@ def test_extreme_tokens_are_suppressed_without_nan():
     assert weights.mean().item() == pytest.approx(1.0, abs=1e-12)
 
 
-def test_kernel_that_underflows_everywhere_is_normalised_in_log_space():
+def test_kernel_that_underflows_everywhere_is_normalised_about_the_smallest_c():
     """c nearly constant and far from 0 (sigma << |c|): every exp(-c^2/2sigma^2) underflows to 0."""
     eps = torch.tensor([1e-3, -1e-3, 2e-3, -2e-3], dtype=torch.float64)
     root = torch.sqrt(1 + eps)
@@ -415,3 +432,53 @@ def test_the_statistics_read_nothing_back_to_the_host(segments):
         stats, tokens = scope_statistics(log_prob, advantages, mask, row_keys=row_keys, max_segments=3)
     assert seen == []
     assert tokens.weights.shape == (6, 50) and stats.num_tokens.sum().item() == mask.sum().item()
+
+
+@SETTINGS
+@given(
+    batch=batches,
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    segments=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_a_loss_call_weighs_its_rows_bitwise_as_the_statistics_pass(batch, dtype, segments, seed):
+    """token_weights on any subset of rows (a micro-batch) repeats the statistics pass's operations, so the
+    first loss call of a mini-batch can use the pass's weights without changing a bit (verl_losses)."""
+    log_prob, advantages, mask = (t.to(dtype) if t.is_floating_point() else t for t in batch)
+    rows = log_prob.shape[0]
+    row_keys = torch.arange(rows) % 2 if segments else None
+    stats, tokens = scope_statistics(log_prob, advantages, mask, row_keys=row_keys, max_segments=2)
+    subset = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[: max(1, rows // 2)]
+    slots = None if row_keys is None else stats.slots_of(row_keys[subset])
+    again = token_weights(stats, log_prob[subset], advantages[subset], slots) * float_mask(mask[subset], dtype)
+    assert torch.equal(again, tokens.weights[subset])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_values_past_the_underflow_limit_are_the_smallest_normal_kernel(dtype):
+    """A token ~60 sigma out (q ~ 2000) weighs norm * exp(-limit): exp of an underflowing result is 10-40x
+    slower on a CPU, and the difference to exp(-q) is below anything a sum can see."""
+    log_prob = torch.zeros(1, 4000, dtype=dtype)
+    log_prob[0, :2000] = -1.0
+    advantages = torch.ones(1, 4000, dtype=dtype)
+    advantages[0, 1::2] = -1.0
+    mask = torch.ones(1, 4000, dtype=torch.bool)
+    log_prob[0, 0] = -1.0e4  # one outlier among N tokens sits ~sqrt(N) sigma out
+    weights, cov, stats = covariance_weights(log_prob, advantages, mask)
+    limit = kernel_limit(torch.promote_types(dtype, torch.float32))
+    norm = stats.norm.to(weights.dtype)
+    assert weights[0, 0].item() == (torch.exp(torch.tensor(-limit, dtype=weights.dtype)) * norm).item() > 0
+    assert torch.isfinite(weights).all() and weights.mean().item() == pytest.approx(1.0, rel=1e-6)
+    # The same weight from a loss call, and a non-finite log-prob there still weighs 0.
+    torch.testing.assert_close(token_weights(stats, log_prob, advantages), weights, rtol=0, atol=0)
+    for bad in (math.inf, -math.inf, math.nan):
+        poisoned = log_prob.clone()
+        poisoned[0, 5] = bad
+        assert token_weights(stats, poisoned, advantages)[0, 5].item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_float_mask_of_a_bool_mask_is_its_conversion(dtype):
+    mask = torch.rand(7, 33) < 0.4
+    assert torch.equal(float_mask(mask, dtype), mask.to(dtype))
+    assert torch.equal(float_mask(mask.long(), dtype), mask.to(dtype))

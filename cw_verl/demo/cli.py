@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict
@@ -149,14 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         result["wall_seconds"] = time.perf_counter() - arm_start
         arm_results[arm.name] = result
 
-    runs = [runlog.read_jsonl(result["jsonl"], name) for name, result in arm_results.items()]
-    window = min(10, max(1, cfg.steps // 5))
-    summaries = {run.name: runlog.summarize(run, window=window) for run in runs}
-    figure = plot.draw(
-        runs,
+    _, window, summaries, figure = plot.report(
+        {name: result["jsonl"] for name, result in arm_results.items()},
         out_dir / FIGURE_NAME,
-        window=window,
-        title=f"verl FSDP2 actor on CPU ({args.world_size} gloo ranks): digit reversal, seed {args.seed}",
+        cfg.steps,
+        f"verl FSDP2 actor on CPU ({args.world_size} gloo ranks): digit reversal, seed {args.seed}",
     )
     total = time.perf_counter() - started
     summary = {
@@ -171,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 "jsonl": result["jsonl"],
                 "wall_seconds": result["wall_seconds"],
                 "engine_init_seconds": result["init_seconds"],
-                **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summaries[name].items()},
+                **plot.json_safe(summaries[name]),
             }
             for name, result in arm_results.items()
         },

@@ -151,6 +151,33 @@ def _percent_formatter():
     return PercentFormatter(xmax=1.0)
 
 
+def report(jsonl_by_arm: dict, out: str | Path, steps: int, title: str):
+    """Each arm's run log read, summarised over its first and last ``window`` steps, and drawn.
+
+    Args:
+        jsonl_by_arm: arm name -> path of the run's JSONL metrics log.
+        out: where the figure goes.
+        steps: steps per run (the window is a fifth of them, at most 10).
+        title: the figure's title.
+
+    Returns:
+        ``(runs, window, summaries, figure)``: the :class:`RunLog` of each arm, the window, each arm's
+        :func:`summarize` with NaN as ``None`` (JSON has no NaN), and the figure's path.
+    """
+    from cw_verl.demo import runlog
+
+    runs = [runlog.read_jsonl(path, name) for name, path in jsonl_by_arm.items()]
+    window = min(10, max(1, steps // 5))
+    summaries = {run.name: runlog.summarize(run, window=window) for run in runs}
+    figure = draw(runs, out, window=window, title=title)
+    return runs, window, summaries, figure
+
+
+def json_safe(summary: dict) -> dict:
+    """``summary`` with NaN values as ``None``."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+
+
 def draw(runs: list[RunLog], out: str | Path, window: int = 10, title: str | None = None) -> Path:
     """Write the figure for ``runs`` to ``out`` (PNG, or any format matplotlib infers from the name)."""
     import matplotlib

