@@ -33,8 +33,15 @@ BACKENDS = {
 }
 
 
-def time_updates(rank: int, world_size: int, model_path: str, batch_path: str, losses, repeats: int, layout) -> dict:
+def time_updates(
+    rank: int, world_size: int, model_path: str, batch_path: str, losses, repeats: int, layout, allocator: str
+) -> dict:
     import torch
+
+    if allocator == "retain":
+        from bench_loss import retain_freed_memory
+
+        retain_freed_memory()
 
     from cw_verl.cpu import harness
 
@@ -68,6 +75,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--allocator", choices=("retain", "system"), default="retain", help="as bench_loss.py (glibc's freed memory)"
+    )
     args = parser.parse_args(argv)
 
     from cw_verl.cpu.tiny_model import TinyModelSpec
@@ -81,13 +91,21 @@ def main(argv=None) -> int:
         run_ranks(save_shared_batch, 1, str(model_path), PROMPTS, GROUP_SIZE, 0, batch_path)
         for backend in args.backends:
             per_rank = run_ranks(
-                time_updates, args.world_size, str(model_path), batch_path, LOSSES, args.repeats, BACKENDS[backend]
+                time_updates,
+                args.world_size,
+                str(model_path),
+                batch_path,
+                LOSSES,
+                args.repeats,
+                BACKENDS[backend],
+                args.allocator,
             )
             # A step ends when its slowest rank does.
             steps[backend] = {loss: np.max([r[loss] for r in per_rank], axis=0) for loss in LOSSES}
     print(
         f"one actor update: {PROMPTS} prompts x {GROUP_SIZE} responses on {args.world_size} gloo ranks, "
-        f"micro-batches of {MICRO_BATCH} sequences per data-parallel rank, median of {args.repeats}"
+        f"micro-batches of {MICRO_BATCH} sequences per data-parallel rank, median of {args.repeats}, "
+        f"allocator: {args.allocator}"
     )
     print(f"{'engine':>12} {'loss':>19} {'seconds':>8} {'vs vanilla':>10} {'vs ' + args.backends[0] + ' vanilla':>20}")
     first = float(np.median(steps[args.backends[0]]["vanilla"]))

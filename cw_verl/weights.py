@@ -431,7 +431,10 @@ def _normalise(stats: ScopeStatistics, merge: _Merge, stack3: torch.Tensor) -> S
     total = merge.add(stack3)[:, 0]
     norm = torch.where(has_tokens, stats.num_tokens / torch.where(has_tokens, total, 1.0), 1.0)
     largest_exponent = kernel_exponent(stats.abs_c_max, stats.abs_c_min, stats.inv_two_var)
-    weight_min = norm * torch.exp(-largest_exponent)
+    # As applied: clamped where the compute precision's kernel is (float32 unless every rank computes in float64).
+    single = merge.status[:, EPS].amax() > torch.finfo(torch.float64).eps
+    limit = torch.where(single, kernel_limit(torch.float32), kernel_limit(torch.float64))
+    weight_min = norm * torch.exp(-torch.minimum(largest_exponent, limit))
     return replace(stats, norm=norm, weight_min=weight_min, weight_max=norm)
 
 

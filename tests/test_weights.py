@@ -469,6 +469,7 @@ def test_kernel_values_past_the_underflow_limit_are_the_smallest_normal_kernel(d
     norm = stats.norm.to(weights.dtype)
     assert weights[0, 0].item() == (torch.exp(torch.tensor(-limit, dtype=weights.dtype)) * norm).item() > 0
     assert torch.isfinite(weights).all() and weights.mean().item() == pytest.approx(1.0, rel=1e-6)
+    assert stats.weight_min.item() == pytest.approx(weights.min().item(), rel=1e-6)
     # The same weight from a loss call, and a non-finite log-prob there still weighs 0.
     torch.testing.assert_close(token_weights(stats, log_prob, advantages), weights, rtol=0, atol=0)
     for bad in (math.inf, -math.inf, math.nan):
