@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cw_verl.ep import ep_token_advantages
+from cw_verl.ep import ep_diagnostics, ep_token_advantages
 from cw_verl.ep_config import EP_GRPO, ep_config_from_algorithm
 
 ENTROPY_KEY = "ep_grpo_entropy"
@@ -40,6 +40,7 @@ def compute_ep_grpo_advantage(
     ref_log_prob: torch.Tensor | None = None,
     norm_adv_by_std_in_grpo: bool | None = None,
     epsilon: float = 1e-6,
+    metrics: dict | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EP-GRPO token advantages (issue 12): ``A = W * A_grpo + lambda * d * bucketnorm(log pi_old - log pi_ref)``.
@@ -54,6 +55,9 @@ def compute_ep_grpo_advantage(
         ref_log_prob: ``[B, T]``.
         norm_adv_by_std_in_grpo: GRPO's std normalisation of A_i; ``None`` reads it from ``config`` (default True).
         epsilon: GRPO's std epsilon.
+        metrics: if given, receives the step's :func:`~cw_verl.ep.ep_diagnostics` (``ep/*``); verl's
+            ``compute_advantage`` passes none (a registered estimator returns only tensors), cw_verl's
+            ``ep_inputs`` patch does and hands them to the trainer's metrics.
 
     Returns:
         ``(advantages, returns)``, both ``[B, T]`` in the rewards' dtype, 0 on padding.
@@ -86,15 +90,18 @@ def compute_ep_grpo_advantage(
     outcome, _ = compute_grpo_outcome_advantage(
         token_level_rewards, sequence_mask, index, epsilon=epsilon, norm_adv_by_std_in_grpo=norm_by_std
     )
+    scores, group = token_level_rewards.sum(dim=-1), group_ids(index)
     result = ep_token_advantages(
-        scores=token_level_rewards.sum(dim=-1),
+        scores=scores,
         outcome_advantage=outcome[:, 0],
-        group=group_ids(index),
+        group=group,
         entropy=entropy,
         old_log_prob=old_log_probs,
         ref_log_prob=ref_log_prob,
         response_mask=response_mask,
         config=ep_config_from_algorithm(config),
     )
+    if metrics is not None:
+        metrics.update(ep_diagnostics(result, scores, group, response_mask))
     advantages = result.advantages.to(token_level_rewards.dtype)
     return advantages, advantages

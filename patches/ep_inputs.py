@@ -12,6 +12,17 @@ batch and the entropy from one of two side channels, because both trainers drop 
   ``_compute_advantage`` fetches a fixed field list without it. The wrapper fetches it for the same keys
   and holds it in :data:`_V1_ENTROPY` for the duration of the call (set and read here only).
 
+The estimator's diagnostics (``ep/*``, :func:`cw_verl.ep.ep_diagnostics`) reach the step's logged metrics
+through two more side channels, because a registered estimator returns only tensors and neither trainer
+hands ``compute_advantage`` its metrics dict:
+
+- legacy: the wrapper stores them in the returned batch's ``meta_info[EP_METRICS_KEY]`` (set here); the
+  wrapper of ``ray_trainer.compute_data_metrics``, which ``fit`` calls on the same batch after the update,
+  pops them into its result (read here). Until then they travel with the batch as one small dict.
+- v1: ``PPOTrainer._compute_advantage`` receives the step's ``metrics`` dict; its wrapper holds a dict in
+  :data:`_V1_METRICS` for the duration of the call (set here), which the estimator's wrapper fills, and
+  merges it into ``metrics`` afterwards (read here).
+
 Any other estimator goes through verl's functions untouched.
 """
 
@@ -27,6 +38,9 @@ from cw_verl.ep_config import EP_GRPO
 _PATCHED = "_cw_verl_ep_inputs"
 V1_UTILS = "verl.trainer.ppo.v1.utils"
 _V1_ENTROPY: contextvars.ContextVar = contextvars.ContextVar("cw_verl_ep_v1_entropy", default=None)
+_V1_METRICS: contextvars.ContextVar = contextvars.ContextVar("cw_verl_ep_v1_metrics", default=None)
+EP_METRICS_KEY = "ep_grpo_metrics"
+"""Legacy trainer: ``meta_info`` key carrying the step's ``ep/*`` diagnostics to ``compute_data_metrics``."""
 
 
 def _is_ep(adv_estimator) -> bool:
@@ -45,6 +59,7 @@ def _ep_compute_advantage(data, config, norm_adv_by_std_in_grpo):
     mask_shape = tuple(batch["response_mask"].shape)
     if entropy is not None and tuple(entropy.shape) != mask_shape:
         raise RuntimeError(f"ep_grpo: entropy has shape {tuple(entropy.shape)}, response_mask {mask_shape}")
+    metrics: dict[str, float] = {}
     advantages, returns = compute_ep_grpo_advantage(
         token_level_rewards=batch["token_level_rewards"],
         response_mask=batch["response_mask"],
@@ -54,9 +69,14 @@ def _ep_compute_advantage(data, config, norm_adv_by_std_in_grpo):
         old_log_probs=batch.get("old_log_probs", None),
         ref_log_prob=batch.get("ref_log_prob", None),
         norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
+        metrics=metrics,
     )
     batch["advantages"] = advantages
     batch["returns"] = returns
+    data.meta_info[EP_METRICS_KEY] = metrics
+    v1_metrics = _V1_METRICS.get()
+    if v1_metrics is not None:
+        v1_metrics.update(metrics)
     return data
 
 
@@ -89,8 +109,22 @@ def patch_ray_trainer(module) -> None:
     module.compute_advantage = _wrap_compute_advantage(original)
     _rebind_v1_utils(original, module.compute_advantage)
 
+    module.compute_data_metrics = wrap_compute_data_metrics(module.compute_data_metrics)
     trainer = module.RayPPOTrainer
     trainer._compute_old_log_prob = wrap_old_log_prob(trainer._compute_old_log_prob)
+
+
+def wrap_compute_data_metrics(original):
+    """Legacy trainer's ``compute_data_metrics(batch, use_critic)``: add the ``ep/*`` diagnostics that the
+    ``ep_grpo`` step left in ``batch.meta_info`` (and remove them from the batch)."""
+
+    @functools.wraps(original)
+    def compute_data_metrics(batch, *args, **kwargs):
+        metrics = original(batch, *args, **kwargs)
+        metrics.update(batch.meta_info.pop(EP_METRICS_KEY, {}))
+        return metrics
+
+    return compute_data_metrics
 
 
 def wrap_old_log_prob(original):
@@ -122,21 +156,29 @@ def patch_v1_trainer(module) -> None:
 
 
 def wrap_v1_compute_advantage(original, trainer_module):
-    """v1 ``PPOTrainer._compute_advantage``: for ``ep_grpo``, fetch the entropy the old-log-prob pass stored in
-    TransferQueue (``trainer_module.tq``) and hold it in :data:`_V1_ENTROPY` during the call."""
+    """v1 ``PPOTrainer._compute_advantage(batch, metrics)``: for ``ep_grpo``, fetch the entropy the old-log-prob
+    pass stored in TransferQueue (``trainer_module.tq``) and hold it in :data:`_V1_ENTROPY` during the call;
+    collect the estimator's ``ep/*`` diagnostics in :data:`_V1_METRICS` and add them to the step's ``metrics``."""
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
     def _compute_advantage(self, batch, *args, **kwargs):
         if not _is_ep(self.config.algorithm.adv_estimator):
             return original(self, batch, *args, **kwargs)
+        step_metrics = signature.bind(self, batch, *args, **kwargs).arguments["metrics"]
         fetched = trainer_module.tq.kv_batch_get(
             keys=batch.keys, partition_id=batch.partition_id, select_fields=["entropy"]
         )
-        token = _V1_ENTROPY.set(fetched.to_padded_tensor()["entropy"])
+        ep_metrics: dict[str, float] = {}
+        entropy_token = _V1_ENTROPY.set(fetched.to_padded_tensor()["entropy"])
+        metrics_token = _V1_METRICS.set(ep_metrics)
         try:
-            return original(self, batch, *args, **kwargs)
+            result = original(self, batch, *args, **kwargs)
         finally:
-            _V1_ENTROPY.reset(token)
+            _V1_METRICS.reset(metrics_token)
+            _V1_ENTROPY.reset(entropy_token)
+        step_metrics.update(ep_metrics)
+        return result
 
     setattr(_compute_advantage, _PATCHED, original)
     return _compute_advantage

@@ -6,6 +6,7 @@
 #
 #   ARM=grpo|clip_cov|cw_grpo  selects the Table 2 row; nothing else differs between arms.
 #   ARM=cw_grpo_authors        the authors' released objective and reward rules (recipes/README.md).
+#   ARM=ep_grpo                not a Table 2 row: EP-GRPO (README "EP-GRPO"), GRPO's loss on its token advantages.
 #   MEMORY_PROFILE=80gb|141gb  parallelism and vLLM share for the GPUs' memory (set by the wrapper).
 #   DRY_RUN=1                  prints the command and checks it against verl's config; needs no GPU.
 #   Extra arguments are appended as Hydra overrides (they are checked too).
@@ -53,7 +54,10 @@ case "$ARM" in
     # What produced the paper's Table 2: the authors' released trl objective (weights on the current
     # log-probs, with gradient, per group) and their reward rules.
     cw_grpo_authors) ADV_ESTIMATOR=cw_grpo LOSS_MODE=cw_grpo_authors REWARD=${REWARD:-authors} ;;
-    *) die "ARM must be grpo, clip_cov, cw_grpo or cw_grpo_authors (got '$ARM')" ;;
+    # EP-GRPO (issue 12): verl's vanilla loss on entropy-gated, progress-anchored token advantages. Its progress
+    # signal needs the reference policy, which the KL loss below starts (KL_COEF=0 keeps it without a penalty).
+    ep_grpo) ADV_ESTIMATOR=ep_grpo LOSS_MODE=vanilla ;;
+    *) die "ARM must be grpo, clip_cov, cw_grpo, cw_grpo_authors or ep_grpo (got '$ARM')" ;;
 esac
 # paper: App. C as written (cw_verl/paper/reward.py); authors: their released rules (cw_verl/paper/authors_reward.py).
 REWARD=${REWARD:-paper}

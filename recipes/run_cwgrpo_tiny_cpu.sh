@@ -5,6 +5,7 @@
 # for a few seconds) and the data are built under TINY_DIR on first use.
 #
 #   ARM=cw_grpo TOTAL_STEPS=2 bash recipes/run_cwgrpo_tiny_cpu.sh      # ARM=grpo|clip_cov|cw_grpo, as for the paper
+#   ARM=ep_grpo ...                                                  # EP-GRPO (README "EP-GRPO")
 #   ACTOR_STRATEGY=megatron ...                                      # Megatron actor, TP=2 (cw_verl/cpu/megatron.py)
 #
 # Everything else is recipes/common.sh with the paper's settings, except the sizes below and the CPU

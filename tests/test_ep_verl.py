@@ -22,7 +22,7 @@ from verl.trainer.ppo import core_algos, ray_trainer
 from verl.trainer.ppo.v1 import trainer_base
 from verl.trainer.ppo.v1 import utils as v1_utils
 
-from cw_verl.ep import EPConfig, ep_token_advantages
+from cw_verl.ep import EPConfig, ep_diagnostics, ep_token_advantages
 from cw_verl.ep_config import EPConfigError, check_ep_grpo, ep_config_from_algorithm
 from cw_verl.verl_ep import ENTROPY_KEY, compute_ep_grpo_advantage
 
@@ -148,10 +148,17 @@ def test_v1_path_fetches_entropy_from_transfer_queue():
 
     wrapped = ep_inputs.wrap_v1_compute_advantage(original, SimpleNamespace(tq=FakeTransferQueue()))
     trainer = SimpleNamespace(config=SimpleNamespace(algorithm=ALGORITHM))
-    out = wrapped(trainer, SimpleNamespace(keys=["k"] * len(data), partition_id="train"), metrics={})
+    step_metrics = {"training/global_step": 1}
+    out = wrapped(trainer, SimpleNamespace(keys=["k"] * len(data), partition_id="train"), metrics=step_metrics)
     torch.testing.assert_close(out.batch["advantages"], expected, rtol=1e-6, atol=1e-6)
     assert calls == [(["k"] * len(data), "train", ["entropy"])]
-    assert ep_inputs._V1_ENTROPY.get() is None
+    assert ep_inputs._V1_ENTROPY.get() is None and ep_inputs._V1_METRICS.get() is None
+    # the diagnostics reach the step's metrics dict (verl passes it positionally too)
+    data.batch[ENTROPY_KEY] = entropy
+    assert step_metrics == {"training/global_step": 1, **expected_diagnostics(data)}
+    positional = {}
+    wrapped(trainer, SimpleNamespace(keys=["k"] * len(data), partition_id="train"), positional)
+    assert set(positional) == set(EP_METRIC_NAMES)
 
 
 def test_legacy_old_log_prob_keeps_the_entropy_for_ep_grpo_only():
@@ -166,6 +173,81 @@ def test_legacy_old_log_prob_keeps_the_entropy_for_ep_grpo_only():
         out.batch.pop("entropys")  # as fit does
         if kept:
             assert torch.equal(out.batch[ENTROPY_KEY], torch.ones(2, 3))
+
+
+# the ep/* diagnostics in the trainers' logged metrics
+
+EP_METRIC_NAMES = ["ep/gate_mean", "ep/outcome_abs_mean", "ep/progress_abs_mean", "ep/zero_variance_group_frac"]
+
+
+def expected_diagnostics(data, config=None):
+    """The diagnostics recomputed from the estimator's parts and the group rewards (float64 here; verl's GRPO
+    advantage inside the estimator is float32, hence rel 1e-6)."""
+    mask = data.batch["response_mask"].bool()
+    parts = ep_parts(data, config)
+    scores = data.batch["token_level_rewards"].sum(-1)
+    groups = np.unique(data.non_tensor_batch["uid"].astype(str), return_inverse=True)[1]
+    equal = [len(set(scores[groups == g].tolist())) == 1 for g in np.unique(groups)]
+    return {
+        "ep/gate_mean": pytest.approx(parts.gate[mask].mean().item(), rel=1e-6),
+        "ep/outcome_abs_mean": pytest.approx(parts.outcome[mask].abs().mean().item(), rel=1e-6),
+        "ep/progress_abs_mean": pytest.approx(parts.progress[mask].abs().mean().item(), rel=1e-6),
+        "ep/zero_variance_group_frac": sum(equal) / len(equal),
+    }
+
+
+def ep_parts(data, config=None):
+    b = data.batch
+    scores = b["token_level_rewards"].sum(-1).double()
+    groups = torch.as_tensor(np.unique(data.non_tensor_batch["uid"].astype(str), return_inverse=True)[1])
+    outcome = torch.zeros_like(scores)
+    for g in groups.unique():
+        members = groups == g
+        outcome[members] = (scores[members] - scores[members].mean()) / (scores[members].std() + 1e-6)
+    inputs = (b[ENTROPY_KEY], b["old_log_probs"], b["ref_log_prob"], b["response_mask"])
+    return ep_token_advantages(scores, outcome, groups, *inputs, config or EPConfig())
+
+
+def test_diagnostics_of_a_batch_with_one_zero_variance_group():
+    data = step_batch(seed=5)
+    expected = expected_diagnostics(data)
+    assert expected["ep/zero_variance_group_frac"] == pytest.approx(1 / 3)  # step_batch's all-correct group
+    mask = data.batch["response_mask"].bool()
+    scores = data.batch["token_level_rewards"].sum(-1)
+    groups = torch.as_tensor(np.unique(data.non_tensor_batch["uid"].astype(str), return_inverse=True)[1])
+    got = ep_diagnostics(ep_parts(data), scores, groups, mask)
+    assert got == expected and 0 < got["ep/gate_mean"] < 1 and got["ep/progress_abs_mean"] > 0
+
+
+def test_legacy_trainer_logs_the_diagnostics_through_compute_data_metrics():
+    data = step_batch(seed=5)
+    expected = expected_diagnostics(data)
+    out = ray_trainer.compute_advantage(data, adv_estimator="ep_grpo", num_repeat=4, config=ALGORITHM)
+    assert out.meta_info[ep_inputs.EP_METRICS_KEY] == expected
+    # the batch still converts for the actor update (_update_actor: to_tensordict) with the dict on board
+    assert out.to_tensordict()[ep_inputs.EP_METRICS_KEY] == out.meta_info[ep_inputs.EP_METRICS_KEY]
+    # fit's compute_data_metrics (here over a stand-in for verl's own body) adds and removes them
+    wrapped = ep_inputs.wrap_compute_data_metrics(lambda batch, use_critic=True: {"critic/score/mean": 0.5})
+    assert wrapped(batch=out, use_critic=False) == {"critic/score/mean": 0.5, **expected}
+    assert ep_inputs.EP_METRICS_KEY not in out.meta_info
+    assert wrapped(out) == {"critic/score/mean": 0.5}
+    grpo = ray_trainer.compute_advantage(step_batch(seed=5), adv_estimator="grpo", config=ALGORITHM)
+    assert ep_inputs.EP_METRICS_KEY not in grpo.meta_info
+
+
+def test_verl_legacy_fit_logs_compute_data_metrics_of_the_updated_batch():
+    assert getattr(ray_trainer.compute_data_metrics, "__wrapped__", None) is not None  # the hook is applied
+    source = read("trainer/ppo/ray_trainer.py")
+    call = "metrics.update(compute_data_metrics(batch=batch, use_critic=self.use_critic))"
+    assert source.index("batch = compute_advantage(") < source.index(call) < source.index("logger.log(data=metrics")
+
+
+def test_verl_v1_step_passes_its_metrics_dict_to_compute_advantage():
+    original = getattr(trainer_base.PPOTrainer._compute_advantage, ep_inputs._PATCHED)
+    assert list(inspect.signature(original).parameters) == ["self", "batch", "metrics"]
+    assert "self._compute_advantage(batch, metrics=metrics)" in inspect.getsource(trainer_base.PPOTrainer._step_once)
+    step = inspect.getsource(trainer_base.PPOTrainer.step)  # each iteration's metrics are aggregated into the step's
+    assert "self._step_once(iter_metrics" in step and "metrics_aggregator.add_step_metrics(iter_metrics" in step
 
 
 # the verl internals the patch relies on

@@ -17,6 +17,6 @@ trainers call the estimator once per step on the driver with the whole batch, so
 step's global batch whatever the data-parallel size and micro-batching of the actor.
 """
 
-from cw_verl.ep.advantage import EPConfig, EPInputError, ep_token_advantages
+from cw_verl.ep.advantage import EPConfig, EPInputError, ep_diagnostics, ep_token_advantages
 
-__all__ = ["EPConfig", "EPInputError", "ep_token_advantages"]
+__all__ = ["EPConfig", "EPInputError", "ep_diagnostics", "ep_token_advantages"]

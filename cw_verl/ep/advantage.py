@@ -8,7 +8,7 @@ import torch
 
 from cw_verl.ep.buckets import bucket_index, bucket_normalise
 from cw_verl.ep.gate import entropy_gate
-from cw_verl.ep.progress import polarity, policy_divergence
+from cw_verl.ep.progress import group_rewards_vary, polarity, policy_divergence
 
 F64 = torch.float64
 
@@ -119,3 +119,31 @@ def ep_token_advantages(
     normalised = bucket_normalise(divergence, bucket, mask, config.num_buckets, config.epsilon)
     progress = config.lam * direction[:, None] * normalised
     return EPAdvantage(outcome + progress, outcome, progress, gate, direction, bucket)
+
+
+def ep_diagnostics(result: EPAdvantage, scores: torch.Tensor, group: torch.Tensor, response_mask: torch.Tensor) -> dict:
+    """One step's EP-GRPO diagnostics, as verl metric names (means over the batch's valid tokens).
+
+    - ``ep/gate_mean``: the entropy gate W (0.5 when every token has the same entropy);
+    - ``ep/outcome_abs_mean``: ``|W A_i|``, the gated outcome term;
+    - ``ep/progress_abs_mean``: ``|lambda d_i bucketnorm(...)|``, the progress term (compare with the outcome term
+      to judge lambda);
+    - ``ep/zero_variance_group_frac``: the share of prompt groups whose rewards are all equal (GRPO gives them no
+      gradient; EP-GRPO's progress term does).
+
+    Args:
+        result: :func:`ep_token_advantages`' output.
+        scores: ``[B]`` sequence rewards.
+        group: ``[B]`` int64 group ids.
+        response_mask: ``[B, T]``.
+
+    Returns:
+        ``{name: float}``.
+    """
+    mask = response_mask.bool()
+    return {
+        "ep/gate_mean": result.gate[mask].mean().item(),
+        "ep/outcome_abs_mean": result.outcome[mask].abs().mean().item(),
+        "ep/progress_abs_mean": result.progress[mask].abs().mean().item(),
+        "ep/zero_variance_group_frac": (~group_rewards_vary(scores, group)).to(F64).mean().item(),
+    }

@@ -27,12 +27,26 @@ def polarity(
         ``[B]`` float64 in {-1, 0, 1}.
     """
     scores = scores.to(F64)
+    varies = group_rewards_vary(scores, group)[torch.unique(group, return_inverse=True)[1]]
+    return torch.where(varies, torch.sign(outcome_advantage.to(F64)), torch.sign(scores - reward_threshold))
+
+
+def group_rewards_vary(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Per group (in ``torch.unique(group)`` order): are its rewards not all exactly equal?
+
+    Args:
+        scores: ``[B]`` sequence rewards.
+        group: ``[B]`` int64 group ids.
+
+    Returns:
+        ``[num_groups]`` bool.
+    """
+    scores = scores.to(F64)
     _, inverse = torch.unique(group, return_inverse=True)
     num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
     group_max = torch.full((num_groups,), -torch.inf, dtype=F64).scatter_reduce(0, inverse, scores, "amax")
     group_min = torch.full((num_groups,), torch.inf, dtype=F64).scatter_reduce(0, inverse, scores, "amin")
-    varies = (group_max != group_min)[inverse]
-    return torch.where(varies, torch.sign(outcome_advantage.to(F64)), torch.sign(scores - reward_threshold))
+    return group_max != group_min
 
 
 def policy_divergence(old_log_prob: torch.Tensor, ref_log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

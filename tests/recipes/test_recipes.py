@@ -202,7 +202,7 @@ def test_actor_config_is_a_megatron_actor_config(runs):
     [
         ({"MODEL_PATH": "/nonexistent/model"}, "MODEL_PATH=/nonexistent/model is not a local Hugging Face model"),
         ({"DATA_DIR": "/nonexistent/data"}, "training data /nonexistent/data/open_rs.parquet not found"),
-        ({"ARM": "ppo"}, "ARM must be grpo, clip_cov, cw_grpo or cw_grpo_authors (got 'ppo')"),
+        ({"ARM": "ppo"}, "ARM must be grpo, clip_cov, cw_grpo, cw_grpo_authors or ep_grpo (got 'ppo')"),
     ],
 )
 def test_fails_fast_before_python(models, data_dir, tmp_path, env, message):

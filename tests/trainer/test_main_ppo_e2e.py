@@ -20,6 +20,7 @@ collapsed the tiny policy to reward 0.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -237,6 +238,41 @@ def test_main_ppo_refuses_a_config_conflict_before_ray_starts(root, tiny_dir, cw
     assert "cw_grpo" in result.stderr and "clip_cov" in result.stderr
     assert "ray init kwargs" not in result.stdout
     assert tiny_runs.marked_processes(marker) == {}
+
+
+# --- EP-GRPO (issue 12) -------------------------------------------------------------------------------------
+
+EP_METRICS = ("ep/gate_mean", "ep/outcome_abs_mean", "ep/progress_abs_mean", "ep/zero_variance_group_frac")
+
+
+def test_ep_grpo_trains_in_verls_trainer(root, tiny_dir):
+    """ARM=ep_grpo: the estimator ran in the driver with the actor's entropy and the reference worker's
+    log-probs (its diagnostics are logged each step), verl's vanilla loss trained on its advantages."""
+    from safetensors.torch import load_file
+
+    run = tiny_runs.launch(root, tiny_dir, "ep_fsdp2", *NO_VAL, ARM="ep_grpo", TOTAL_STEPS="2", **SCHEDULE)
+    assert run.returncode == 0, run.output[-5000:]
+    steps = run.steps()
+    assert sorted(s for s, row in steps.items() if "critic/score/mean" in row) == [1, 2]
+    for step in (1, 2):
+        row = steps[step]
+        assert set(EP_METRICS) <= row.keys(), sorted(row)
+        # A gate of exactly 0.5 would mean no entropy reached the estimator (constant entropy).
+        assert 0 < row["ep/gate_mean"] < 1 and row["ep/gate_mean"] != 0.5
+        # log pi_old - log pi_ref: 0 at step 1 (same weights), then the progress term carries the update
+        assert row["ep/outcome_abs_mean"] > 0 and 0 <= row["ep/zero_variance_group_frac"] <= 1
+        for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm"):
+            assert math.isfinite(row[key]), (key, row[key])
+        assert row["actor/grad_norm"] > 0
+        assert not [key for key in row if key.startswith("actor/cw/")]
+    assert steps[2]["ep/progress_abs_mean"] > 0
+    command = run.report()["command"]
+    assert "algorithm.adv_estimator=ep_grpo" in command
+    assert "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla" in command
+    before = load_file(tiny_dir / "model" / "model.safetensors")
+    after = load_file(run.run_dir / "checkpoints" / "global_step_2" / "actor" / "huggingface" / "model.safetensors")
+    assert [name for name in before if before[name].equal(after[name].to(before[name].dtype))] == []
+    assert tiny_runs.marked_processes(run.marker) == {}
 
 
 # --- the Megatron actor ------------------------------------------------------------------------------------

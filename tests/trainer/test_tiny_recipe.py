@@ -11,7 +11,7 @@ import yaml
 from tests.recipes.recipe_helpers import flatten
 from tests.trainer import tiny_runs
 
-ARMS = ("grpo", "cw_grpo")
+ARMS = ("grpo", "cw_grpo", "ep_grpo")
 # The module fixture builds the tiny assets and runs two launch checks: a few minutes on a loaded 2-core box.
 pytestmark = pytest.mark.timeout(1800)
 
@@ -69,12 +69,23 @@ def test_cpu_profile_settings(dry_runs):
     assert actor["optim"]["min_lr_ratio"] == pytest.approx(0.1)  # MIN_LR 1e-5 / LR 1e-4
 
 
-def test_arms_differ_only_in_the_algorithm_and_run_names(dry_runs):
+@pytest.mark.parametrize("arm", ARMS[1:])
+def test_arms_differ_only_in_the_algorithm_and_run_names(dry_runs, arm):
     _, results = dry_runs
-    grpo, cw = (flatten(results[arm][1]) for arm in ARMS)
-    assert grpo.keys() == cw.keys()
-    differing = {key for key in grpo if grpo[key] != cw[key]}
-    algorithm = {"algorithm.adv_estimator", "actor_rollout_ref.actor.policy_loss.loss_mode"}
+    grpo, other = flatten(results["grpo"][1]), flatten(results[arm][1])
+    assert grpo.keys() == other.keys()
+    differing = {key for key in grpo if grpo[key] != other[key]}
+    algorithm = {"algorithm.adv_estimator"} | (
+        {"actor_rollout_ref.actor.policy_loss.loss_mode"} if arm == "cw_grpo" else set()
+    )
     assert algorithm <= differing
     for key in differing - algorithm:  # the run's name (experiment, directories, metrics file), nothing else
-        assert str(grpo[key]).replace("grpo", "cw_grpo") == str(cw[key]), key
+        assert str(grpo[key]).replace("grpo", arm) == str(other[key]), key
+
+
+def test_ep_grpo_arm_runs_verls_vanilla_loss_with_a_reference_policy(dry_runs):
+    _, results = dry_runs
+    cfg = results["ep_grpo"][1]
+    actor = cfg["actor_rollout_ref"]["actor"]
+    assert cfg["algorithm"]["adv_estimator"] == "ep_grpo" and actor["policy_loss"]["loss_mode"] == "vanilla"
+    assert actor["use_kl_loss"]  # what starts verl's reference worker, whose log-probs EP-GRPO reads
