@@ -61,16 +61,22 @@ def step_batch(seed=0, groups=3, group_size=4, length=7):
     return DataProto.from_dict(tensors=tensors, non_tensors={"uid": uids})
 
 
-def expected_advantages(data, config=None, norm_by_std=True):
-    config = config or EPConfig()
-    b = data.batch
-    scores = b["token_level_rewards"].sum(-1).double()
+def grpo_outcome(data, norm_by_std=True):
+    """``(scores, groups, outcome)``: each response's score, its prompt group and GRPO's outcome advantage."""
+    scores = data.batch["token_level_rewards"].sum(-1).double()
     groups = torch.as_tensor(np.unique(data.non_tensor_batch["uid"].astype(str), return_inverse=True)[1])
     outcome = torch.zeros_like(scores)
     for g in groups.unique():
         members = groups == g
         centred = scores[members] - scores[members].mean()
         outcome[members] = centred / (scores[members].std() + 1e-6) if norm_by_std else centred
+    return scores, groups, outcome
+
+
+def expected_advantages(data, config=None, norm_by_std=True):
+    config = config or EPConfig()
+    b = data.batch
+    scores, groups, outcome = grpo_outcome(data, norm_by_std)
     result = ep_token_advantages(
         scores, outcome, groups, b[ENTROPY_KEY], b["old_log_probs"], b["ref_log_prob"], b["response_mask"], config
     )
@@ -198,12 +204,7 @@ def expected_diagnostics(data, config=None):
 
 def ep_parts(data, config=None):
     b = data.batch
-    scores = b["token_level_rewards"].sum(-1).double()
-    groups = torch.as_tensor(np.unique(data.non_tensor_batch["uid"].astype(str), return_inverse=True)[1])
-    outcome = torch.zeros_like(scores)
-    for g in groups.unique():
-        members = groups == g
-        outcome[members] = (scores[members] - scores[members].mean()) / (scores[members].std() + 1e-6)
+    scores, groups, outcome = grpo_outcome(data)
     inputs = (b[ENTROPY_KEY], b["old_log_probs"], b["ref_log_prob"], b["response_mask"])
     return ep_token_advantages(scores, outcome, groups, *inputs, config or EPConfig())
 
