@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.cw_verl-installed
 
-.PHONY: demo test lint check clean
+.PHONY: demo test lint check clean gpu-lock
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,12 @@ lint: $(STAMP)
 
 check: $(STAMP)
 	$(PYTHON) -m cw_verl check
+
+# The GPU cluster install (pyproject's `gpu` extra) resolved for Linux x86_64 / Python 3.12 / CUDA wheels, from any
+# machine; tests/test_gpu_install.py checks that the committed lock is what this resolves to.
+GPU_LOCK := recipes/gpu-linux-x86_64-py312.txt
+gpu-lock: $(STAMP)
+	$(PYTHON) -m tests.gpu_install > $(GPU_LOCK)
 
 clean:
 	rm -rf $(VENV)

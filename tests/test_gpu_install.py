@@ -1,0 +1,86 @@
+"""The GPU cluster install (``pip install -e ".[gpu]"``) resolves for Linux x86_64 / CUDA wheels, and its
+committed lock is in step with pyproject.toml. Resolved by uv for that platform from this CPU machine: the
+package index is read (as of ``tests.gpu_install.EXCLUDE_NEWER``), no wheel is downloaded or built."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import tomllib
+
+import pytest
+
+from tests import gpu_install
+
+# What the recipes run on a GPU node: verl 0.9.1's own vLLM and torch pins, and the bridge the recipes select.
+VERL_PINS = {"verl": "0.9.1", "vllm": "0.24.0", "torch": "2.11.0", "transformers": "5.9.0"}
+
+
+def pyproject() -> dict:
+    return tomllib.loads((gpu_install.REPO / "pyproject.toml").read_text())
+
+
+def pinned(requirements: list[str], name: str) -> str | None:
+    for requirement in requirements:
+        if requirement.split("==")[0].split("[")[0].strip() == name and "==" in requirement:
+            return requirement.split("==", 1)[1].strip()
+    return None
+
+
+@pytest.fixture(scope="module")
+def extras() -> dict[str, list[str]]:
+    return pyproject()["project"]["optional-dependencies"]
+
+
+def test_megatron_versions_are_pinned_in_one_place_and_the_tests_run_them(extras):
+    """megatron-core and mbridge are pinned only in the `mcore` extra, which `test`, `cpu` and `gpu` include,
+    and the environment these tests run in has exactly those versions."""
+    for name in ("megatron-core", "mbridge"):
+        places = [extra for extra, requirements in extras.items() if pinned(requirements, name)]
+        assert places == ["mcore"], (name, places)
+        assert importlib.metadata.version(name) == pinned(extras["mcore"], name)
+    for extra in ("test", "cpu", "gpu"):
+        assert "cw-verl[mcore]" in extras[extra], extra
+
+
+@pytest.fixture(scope="module")
+def lock_312() -> str:
+    result = gpu_install.resolve("3.12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_the_committed_lock_is_what_pyproject_resolves_to(lock_312):
+    committed = gpu_install.LOCK.read_text()
+    assert committed == lock_312, (
+        f"{gpu_install.LOCK.relative_to(gpu_install.REPO)} is not what pyproject's `gpu` extra resolves to: "
+        "run `make gpu-lock` and commit it"
+    )
+
+
+def test_the_lock_holds_verls_pins_the_megatron_pins_and_transformer_engine(lock_312, extras):
+    versions = gpu_install.pins(lock_312)
+    for name, version in VERL_PINS.items():
+        assert versions.get(name) == version, (name, versions.get(name))
+    for name in ("megatron-core", "mbridge"):
+        assert versions.get(name) == pinned(extras["mcore"], name)
+    te = pinned(extras["gpu"], "transformer-engine")
+    assert versions.get("transformer-engine") == versions.get("transformer-engine-torch") == te
+    # CUDA wheels (torch 2.11.0 on the index is a CUDA 13 build): NCCL is part of the install.
+    assert "nvidia-nccl-cu13" in versions
+    # Megatron-Bridge has no release that installs beside vLLM 0.24.0: the recipes' bridge is mbridge.
+    assert "megatron-bridge" not in versions
+
+
+@pytest.mark.parametrize("python_version", ["3.10", "3.11"])
+def test_the_gpu_extra_resolves_for_the_other_supported_pythons(python_version, extras):
+    result = gpu_install.resolve(python_version)
+    assert result.returncode == 0, result.stderr[-3000:]
+    versions = gpu_install.pins(result.stdout)
+    for name, version in VERL_PINS.items():
+        assert versions.get(name) == version, (python_version, name, versions.get(name))
+    assert versions.get("megatron-core") == pinned(extras["mcore"], "megatron-core")
+
+
+def test_supported_pythons_match_the_package_metadata():
+    assert pyproject()["project"]["requires-python"] == ">=3.10"
+    assert gpu_install.PYTHON_VERSIONS == ("3.10", "3.11", "3.12")
