@@ -8,7 +8,11 @@
 #   ARM=cw_grpo_authors        the authors' released objective and reward rules (recipes/README.md).
 #   ARM=ep_grpo                not a Table 2 row: EP-GRPO (README "EP-GRPO"), GRPO's loss on its token advantages.
 #   MEMORY_PROFILE=80gb|141gb  parallelism and vLLM share for the GPUs' memory (set by the wrapper).
+#   BRIDGE=mbridge|megatron-bridge  the Megatron bridge verl's engine imports (megatron.vanilla_mbridge); mbridge,
+#                              the default, is what `pip install -e ".[gpu]"` installs (recipes/README.md).
 #   DRY_RUN=1                  prints the command and checks it against verl's config; needs no GPU.
+#   CHECK_IMPORTS=0            the launch check skips importing the workers' packages (vLLM, the bridge,
+#                              TransformerEngine): for a dry run on a machine that is not the cluster's.
 #   Extra arguments are appended as Hydra overrides (they are checked too).
 #
 # Profile hooks (set by a wrapper before sourcing; run_cwgrpo_tiny_cpu.sh uses them, the paper wrappers not):
@@ -69,6 +73,13 @@ TRAIN_FILE=${TRAIN_FILE:-$DATA_DIR/open_rs.parquet}
 EVAL_SETS=(aime24 math500 amc23 minerva olympiadbench)
 
 ACTOR_STRATEGY=${ACTOR_STRATEGY:-megatron}
+BRIDGE=${BRIDGE:-mbridge}
+case "$BRIDGE" in
+    mbridge) VANILLA_MBRIDGE=True ;;
+    # verl's default; it has no release that installs beside verl 0.9.1's vLLM (use verl's container image).
+    megatron-bridge) VANILLA_MBRIDGE=False ;;
+    *) die "BRIDGE must be mbridge or megatron-bridge (got '$BRIDGE')" ;;
+esac
 case "$ACTOR_STRATEGY" in
     megatron) CONFIG_NAME=ppo_megatron_trainer ;;
     fsdp2) CONFIG_NAME=ppo_trainer ;;
@@ -177,6 +188,8 @@ if [[ "$ACTOR_STRATEGY" == megatron ]]; then
         "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=$ACTOR_TP"
         "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=$ACTOR_PP"
         "actor_rollout_ref.actor.megatron.context_parallel_size=$ACTOR_CP"
+        # The bridge between HF checkpoints and Megatron modules (BRIDGE above); the reference model follows it.
+        "actor_rollout_ref.actor.megatron.vanilla_mbridge=$VANILLA_MBRIDGE"
         "actor_rollout_ref.actor.megatron.param_offload=$offload"
         "actor_rollout_ref.actor.megatron.optimizer_offload=$offload"
         # Cosine decay to MIN_LR after the warm-up (Open-RS's schedule).
@@ -294,10 +307,12 @@ fi
 CMD=("$PYTHON" -m verl.trainer.main_ppo "--config-name=$CONFIG_NAME" "${OVERRIDES[@]}" "$@")
 CHECK=("$PYTHON" -m cw_verl.paper.launch_check --config-name "$CONFIG_NAME" --gpu-memory-gb "$GPU_MEMORY_GB" --run-dir "$RUN_DIR")
 [[ -n "${DUMP_CONFIG:-}" ]] && CHECK+=(--dump-config "$DUMP_CONFIG")
+[[ "${CHECK_IMPORTS:-1}" == 0 ]] && CHECK+=(--skip-imports)
 # A real launch records its settings in RUN_DIR; a later launch with other settings is refused there.
 [[ "$DRY_RUN" == 1 ]] || CHECK+=(--record)
 
-echo "# $MODEL_TAG, arm $ARM (loss $LOSS_MODE, reward $REWARD), $TOTAL_STEPS steps, memory profile $MEMORY_PROFILE; outputs in $RUN_DIR"
+bridge_note=$([[ "$ACTOR_STRATEGY" == megatron ]] && echo ", bridge $BRIDGE" || true)
+echo "# $MODEL_TAG, arm $ARM (loss $LOSS_MODE, reward $REWARD), $TOTAL_STEPS steps, memory profile $MEMORY_PROFILE$bridge_note; outputs in $RUN_DIR"
 printf '%q ' "${CMD[@]}"
 echo
 # verl fails on a wrong setting only after Ray and the GPU workers are up; check on the CPU first.

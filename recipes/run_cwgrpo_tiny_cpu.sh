@@ -107,12 +107,7 @@ PROFILE_OVERRIDES=(
     trainer.val_before_train=True
     "trainer.test_freq=$TOTAL_STEPS"
 )
-if [[ "$ACTOR_STRATEGY" == megatron ]]; then
-    PROFILE_OVERRIDES+=(
-        # mbridge's own bridge: Megatron-Bridge, verl's default, does not install here.
-        actor_rollout_ref.actor.megatron.vanilla_mbridge=True
-    )
-else
+if [[ "$ACTOR_STRATEGY" != megatron ]]; then
     PROFILE_OVERRIDES+=(
         actor_rollout_ref.actor.fsdp_config.use_torch_compile=False
         actor_rollout_ref.ref.fsdp_config.use_torch_compile=False

@@ -18,6 +18,9 @@ verl would only discover on the cluster, or never:
   skipped by ``import verl``);
 * data files exist and have the columns verl reads;
 * the installed verl is the one cw_verl's patches were written against;
+* the packages the workers will import (vLLM, and with a Megatron actor megatron-core, the bridge that
+  ``actor.megatron.vanilla_mbridge`` selects and, on GPUs, TransformerEngine) import here, at the versions
+  cw_verl was tested with (:mod:`cw_verl.packages`; ``--skip-imports`` on a machine that is not the cluster's);
 * the per-GPU memory estimate of :mod:`cw_verl.paper.memory` fits ``--gpu-memory-gb``;
 * with ``--run-dir``: a checkpoint already in the run directory was written with the same settings
   (``trainer.resume_mode=auto`` would otherwise silently resume a different run); ``--record`` stores
@@ -73,9 +76,13 @@ def compose(overrides: list[str], config_name: str = CONFIG_NAME):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
-def check(cfg, gpu_memory_gb: float | None = None) -> Report:
+def check(cfg, gpu_memory_gb: float | None = None, imports: bool = True) -> Report:
     report = Report()
     _check_verl_version(report)
+    if imports:
+        _run(report, "worker packages", _check_packages, report, cfg)
+    else:
+        report.facts["worker packages"] = "not checked (--skip-imports)"
     _run(report, "cw_verl config rules", _cw_verl_rules, cfg)
     _run(report, "verl validate_config", _verl_validation, cfg)
     actor = _run(report, "actor config", _dataclass, cfg.actor_rollout_ref.actor)
@@ -116,6 +123,18 @@ def _check_verl_version(report: Report) -> None:
             f"verl=={VERL_VERSION} (recipes/README.md, environment), or run the patch checks (pytest "
             "tests/test_patches.py tests/test_whole_groups.py) and set CW_VERL_ALLOW_UNTESTED_VERL=1"
         )
+
+
+def _check_packages(report: Report, cfg) -> None:
+    from cw_verl import packages
+
+    needs = packages.needed(cfg)
+    found = packages.probe(needs)
+    report.facts["worker packages"] = ", ".join(
+        f"{need.distribution} {found[need.module]['version'] or 'absent'}" for need in needs
+    )
+    allow = os.environ.get("CW_VERL_ALLOW_UNTESTED_VERL") == "1"
+    report.errors.extend(packages.problems(needs, found, allow_untested=allow))
 
 
 def _check_memory(report: Report, cfg, model, gpu_memory_gb: float) -> None:
@@ -340,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-gb", type=float, help="check the per-GPU memory estimate against this size")
     parser.add_argument("--run-dir", help="refuse a checkpoint there with other settings (resume guard)")
     parser.add_argument("--record", action="store_true", help="with --run-dir: store this launch's settings")
+    parser.add_argument(
+        "--skip-imports",
+        action="store_true",
+        help="do not import the workers' packages (a dry run on a machine that is not the cluster's)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as passed to verl.trainer.main_ppo")
     args = parser.parse_args(argv)
 
@@ -350,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"launch check: the overrides do not compose with verl's {args.config_name}: {e}", file=sys.stderr)
         return 1
-    report = check(cfg, args.gpu_memory_gb)
+    report = check(cfg, args.gpu_memory_gb, imports=not args.skip_imports)
     if args.run_dir:
         _run(report, "run directory", check_run_dir, report, cfg, Path(args.run_dir), args.record)
     if args.dump_config:
