@@ -5,9 +5,9 @@ package index is read (as of ``tests.gpu_install.EXCLUDE_NEWER``), no wheel is d
 from __future__ import annotations
 
 import importlib.metadata
-import tomllib
 
 import pytest
+import tomllib
 
 from tests import gpu_install
 
