@@ -74,9 +74,11 @@ def _problem(log_prob, old_log_prob, advantages, mask, uids, rollout_n) -> str |
     return None
 
 
-def _raise_together(problem: str | None, group) -> None:
-    """Raise on every rank of ``group`` if any rank has a problem, so that no rank waits in a collective."""
-    flag = torch.tensor([0.0 if problem is None else 1.0], dtype=torch.float64)
+def _raise_together(problem: str | None, group, device) -> None:
+    """Raise on every rank of ``group`` if any rank has a problem, so that no rank waits in a collective.
+
+    The flag lives on ``device``, the loss's: the engine's DP group may have only an NCCL backend."""
+    flag = torch.tensor([0.0 if problem is None else 1.0], dtype=torch.float64, device=device)
     ranks_with_problem = int(group_gather(group)(flag).sum().item())
     if problem is not None:
         raise WholeGroupError(problem)
@@ -149,7 +151,7 @@ def compute_policy_loss_cw_grpo_authors(
             seq_advantages = sequence_advantages(advantages, response_mask)
         except ValueError as error:
             problem = str(error)
-    _raise_together(problem, group)
+    _raise_together(problem, group, log_prob.device if isinstance(log_prob, torch.Tensor) else None)
 
     result = authors_weights(log_prob, seq_advantages, response_mask, Groups.from_labels(uids))
     metrics: dict[str, Any] = _metrics(result, response_mask)

@@ -44,7 +44,7 @@ class Groups:
         """Groups of equal labels (any hashable per row, e.g. verl's prompt ``uid``), numbered by first appearance."""
         numbering: dict = {}
         index = [numbering.setdefault(label, len(numbering)) for label in labels]
-        return cls(torch.tensor(index, dtype=torch.int64), len(numbering))
+        return cls(torch.tensor(index, dtype=torch.int64, device="cpu"), len(numbering))  # labels live on the host
 
     def sizes(self) -> torch.Tensor:
         return torch.bincount(self.index, minlength=self.count)

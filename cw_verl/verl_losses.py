@@ -95,19 +95,19 @@ def order_statistics(cov: torch.Tensor, valid: torch.Tensor, count: torch.Tensor
     sort (no host sync); on a CPU, where torch's sort is ten times slower than numpy's selection, nested
     ``numpy.partition`` calls, each on the part the previous one left. ``on_device`` forces one (tests).
     """
-    fractions = torch.tensor([fraction for fraction, _ in TABLE1_PERCENTILES], dtype=torch.float64)
+    fractions = torch.tensor([fraction for fraction, _ in TABLE1_PERCENTILES], dtype=torch.float64, device=cov.device)
     # Invalid positions sort last; the valid values are the first `count` of the ascending order.
     keyed = torch.addcmul(cov, 1.0 - valid, torch.tensor(1e18, dtype=cov.dtype, device=cov.device)).flatten()
     if cov.device.type != "cpu" if on_device is None else on_device:
         n = count.to(torch.float64)
-        k = torch.clamp(torch.ceil(fractions.to(cov.device) * n), min=1).long()
+        k = torch.clamp(torch.ceil(fractions * n), min=1).long()
         last = torch.clamp(n.long() - 1, min=0)
         ordered = torch.sort(keyed).values
         positions = torch.cat([torch.clamp(n.long() - k, min=0), torch.minimum(k - 1, last)])
         return torch.where(n > 0, ordered[positions].to(torch.float64), 0.0)
     n = int(count.item())
     if n == 0:
-        return torch.zeros(2 * len(fractions), dtype=torch.float64)
+        return torch.zeros(2 * len(fractions), dtype=torch.float64, device=cov.device)
     values = keyed.detach().to(torch.float32).numpy()  # a fresh array: partitioned in place
     if n < len(values):
         values.partition(n - 1)  # the n valid values first
@@ -124,7 +124,7 @@ def order_statistics(cov: torch.Tensor, valid: torch.Tensor, count: torch.Tensor
             values[start:].partition(position - start)
             start = position + 1
     out = [values[n - k] for k in ks] + [values[k - 1] for k in ks]
-    return torch.tensor(out, dtype=torch.float64)
+    return torch.tensor(out, dtype=torch.float64, device=cov.device)
 
 
 def _scope_metrics(stats: ScopeStatistics, tokens: WeighedTokens | None) -> torch.Tensor:
@@ -156,6 +156,7 @@ def uid_keys(uids) -> torch.Tensor:
             for uid in uids
         ],
         dtype=torch.int64,
+        device="cpu",  # made on the host, where the uids are; moved to the device by the caller
     )
 
 

@@ -204,8 +204,11 @@ def kernel(abs_c: torch.Tensor, abs_c_min, inv_two_var) -> torch.Tensor:
 
 def _local_segments(row_keys: torch.Tensor | None, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's sorted segment keys and each row's index into them (on the host, where keys are made)."""
+    host = torch.device("cpu")
     if row_keys is None:
-        return torch.zeros(1 if num_rows else 0, dtype=torch.int64), torch.zeros(num_rows, dtype=torch.int64)
+        return torch.zeros(1 if num_rows else 0, dtype=torch.int64, device=host), torch.zeros(
+            num_rows, dtype=torch.int64, device=host
+        )
     keys, index = torch.unique(row_keys.cpu(), return_inverse=True)
     return keys, index
 
@@ -233,10 +236,10 @@ class _Merge:
     status: torch.Tensor  # [R, 3]
 
     def add(self, entries: torch.Tensor) -> torch.Tensor:
-        """Sum ``[R, capacity, k]`` per-entry values into ``[G, k]`` slots."""
-        flat = entries.reshape(-1, entries.shape[-1])
-        out = torch.zeros(len(self.keys), flat.shape[1], dtype=F64, device=flat.device)
-        return out.index_add_(0, self.slot_of_entry, flat)
+        """Sum ``[R, capacity, k]`` per-entry values into ``[G, k]`` slots (:func:`_sum_by_rank`)."""
+        return _sum_by_rank(
+            entries.reshape(-1, entries.shape[-1]), self.slot_of_entry, len(self.keys), len(self.status)
+        )
 
     def reduce(self, entries: torch.Tensor, how: str, empty: float) -> torch.Tensor:
         """``amin``/``amax`` of ``[R, capacity]`` per-entry values per slot (``empty`` where none)."""
@@ -255,9 +258,21 @@ def _merge_round1(stack: torch.Tensor) -> _Merge:
     sorted_slot = torch.cumsum(new_segment, 0) - 1
     slot_of_entry = torch.empty_like(sorted_slot).scatter_(0, order, sorted_slot)
     slot_keys = torch.full_like(sorted_keys, _NO_KEY).scatter_(0, sorted_slot, sorted_keys)
-    sums = torch.zeros(len(keys), entries.shape[1] - 1, dtype=F64, device=stack.device)
-    sums.index_add_(0, slot_of_entry, entries[:, ROWS:])
+    sums = _sum_by_rank(entries[:, ROWS:], slot_of_entry, len(keys), len(status))
     return _Merge(slot_of_entry, slot_keys, sums, status)
+
+
+def _sum_by_rank(entries: torch.Tensor, slot_of_entry: torch.Tensor, num_slots: int, ranks: int) -> torch.Tensor:
+    """``[R * capacity, k]`` rank-major entries summed into ``[num_slots, k]`` slots, one rank after another.
+
+    A rank holds each segment at most once, so one rank's entries land in distinct slots (its empty entries
+    add zeros): adding rank by rank fixes the order of every slot's sum, the same on every rank and in every
+    run. One ``index_add_`` over all ranks would add on a GPU in whatever order its atomics run, and ranks
+    could then disagree in the last bit."""
+    out = torch.zeros(num_slots, entries.shape[1], dtype=F64, device=entries.device)
+    for rank_entries, rank_slots in zip(entries.chunk(ranks), slot_of_entry.chunk(ranks), strict=True):
+        out.index_add_(0, rank_slots, rank_entries)
+    return out
 
 
 def scope_statistics(
