@@ -1,4 +1,4 @@
-"""``python -m cw_verl [check|demo|trainer-demo|plot|study]``.
+"""``python -m cw_verl [check [--gpu]|demo|trainer-demo|plot|study]``.
 
 ``check`` (the default) imports verl the way every verl process does and reports what cw_verl
 registered and patched, and what is wrong; it exits non-zero on any problem, because verl itself
@@ -130,7 +130,8 @@ def run_check() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cw_verl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("check", help="report registrations and patches (default)")
+    check = sub.add_parser("check", help="report registrations and patches (default); --gpu: the GPU preflight")
+    check.add_argument("--gpu", action="store_true", help="GPU node preflight (cw_verl/preflight.py; --help there)")
     sub.add_parser("demo", help="CW-GRPO vs GRPO on verl's engine on CPU (harness, fast)", add_help=False)
     sub.add_parser("trainer-demo", help="CW-GRPO vs GRPO through verl's main_ppo on CPU (make demo)", add_help=False)
     sub.add_parser("plot", help="figure from verl file-logger JSONL", add_help=False)
@@ -152,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         from cw_verl.demo.study import main as study_main
 
         return study_main(rest)
+    if args.command == "check" and args.gpu:
+        from cw_verl.preflight import main as preflight_main
+
+        return preflight_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return 1 if run_check() else 0
