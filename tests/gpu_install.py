@@ -33,8 +33,8 @@ def uv() -> str:
     return found
 
 
-def resolve(python_version: str = "3.12") -> subprocess.CompletedProcess:
-    """``uv pip compile pyproject.toml --extra gpu`` for Linux x86_64 and ``python_version``."""
+def resolve(python_version: str = "3.12", *extra: str) -> subprocess.CompletedProcess:
+    """``uv pip compile pyproject.toml --extra gpu`` for Linux x86_64 and ``python_version`` (+ ``extra`` options)."""
     command = [
         uv(),
         "pip",
@@ -51,6 +51,7 @@ def resolve(python_version: str = "3.12") -> subprocess.CompletedProcess:
         "--custom-compile-command",
         "make gpu-lock",
         "--quiet",
+        *extra,
     ]
     # The target interpreter need not exist here; uv must not try to download one (no network but the index).
     env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}

@@ -71,6 +71,15 @@ def test_the_lock_holds_verls_pins_the_megatron_pins_and_transformer_engine(lock
     assert "megatron-bridge" not in versions
 
 
+def test_only_transformer_engines_torch_extension_builds_from_source():
+    """The two-step install (torch first, then `--no-build-isolation`) is needed for TE alone: every other
+    package of the set has a wheel for Linux x86_64."""
+    result = gpu_install.resolve("3.12", "--only-binary", ":all:", "--no-binary", "transformer-engine-torch")
+    assert result.returncode == 0, result.stderr[-3000:]
+    strict = gpu_install.resolve("3.12", "--only-binary", ":all:")
+    assert strict.returncode != 0 and "transformer-engine-torch" in strict.stderr
+
+
 @pytest.mark.parametrize("python_version", ["3.10", "3.11"])
 def test_the_gpu_extra_resolves_for_the_other_supported_pythons(python_version, extras):
     result = gpu_install.resolve(python_version)

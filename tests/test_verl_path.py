@@ -34,7 +34,8 @@ def _registrations_in_a_ray_worker():
 def test_ray_worker_sees_the_registrations():
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    # A fresh local instance even if another Ray cluster runs on this machine (ray.init() would join it).
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         assert ray.get(ray.remote(_registrations_in_a_ray_worker).remote(), timeout=240) == (True, True)
     finally:
