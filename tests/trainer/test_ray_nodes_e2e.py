@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cw_verl.cpu.supervise import tagged_pids
+from cw_verl.cpu.supervise import RUN_ID_ENV, critical_processes, tagged_pids
 from tests.trainer import tiny_runs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
@@ -114,6 +114,16 @@ def samples_yielded(checkpoint: Path) -> int:
     return torch.load(checkpoint / "data.pt", weights_only=False)["_sampler_iter_state"]["samples_yielded"]
 
 
+def run_tag(run) -> str:
+    """The supervisor's tag of a live launch, from the environment of its processes on this host."""
+    for pid in tiny_runs.marked_processes(run.marker):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(f"{RUN_ID_ENV}=".encode()):
+                    return item.split(b"=", 1)[1].decode()
+    raise AssertionError(f"no process of {run.name} carries {RUN_ID_ENV}")
+
+
 def launch(root, cluster):
     return tiny_runs.start(
         root,
@@ -137,6 +147,8 @@ def lost_node(root, cluster):
         nodes = {head.node_id: "head", second.node_id: "second"}
         run.notes.update(
             job=job,
+            # What the supervisor can see of the run on this host: the nodes' raylets started the workers.
+            tagged_titles=sorted(set(critical_processes(tagged_pids(run_tag(run))).values())),
             placement={
                 a["Name"] or a["ActorClassName"]: nodes.get(a["Address"]["NodeID"], a["Address"]["NodeID"])
                 for a in job_actors(cluster, job)
@@ -202,7 +214,11 @@ def test_the_workers_settings_came_through_runtime_env_only(lost_node, cluster):
     # The nodes' own daemons never had them: only the run's runtime_env can have selected the CPU platform.
     raylet = cluster.head_node.all_processes["raylet"][0].process.pid
     with open(f"/proc/{raylet}/environ", "rb") as f:
-        assert b"VERL_PLATFORM=" not in f.read()
+        environ = f.read()
+    assert b"VERL_PLATFORM=" not in environ and f"{RUN_ID_ENV}=".encode() not in environ
+    # The supervisor's tag reached the run's workers the same way, so it finds (and ends) them on this host.
+    titles = lost_node.notes["tagged_titles"]
+    assert {"ray::WorkerDict", "VLLM::EngineCore"} <= {title.split(".")[0] for title in titles}, titles
 
 
 # --- a node lost mid-run ---------------------------------------------------------------------------------------
