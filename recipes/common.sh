@@ -21,6 +21,7 @@
 #   REWARD_OVERRIDES=(...)         the reward function overrides instead of the paper's (cw_verl.paper.reward).
 #   PROFILE_OVERRIDES=(...)        Hydra overrides applied after the recipe's own (a later value wins).
 #   SUPERVISE=1                    run main_ppo under cw_verl.cpu.supervise (bounded waits, no process left).
+#   WORKER_ENV="NAME ..."          variables of this shell every Ray worker gets (through Ray's runtime_env).
 
 set -euo pipefail
 
@@ -304,7 +305,19 @@ if declare -p PROFILE_OVERRIDES &>/dev/null; then
     OVERRIDES+=("${PROFILE_OVERRIDES[@]}")
 fi
 
-CMD=("$PYTHON" -m verl.trainer.main_ppo "--config-name=$CONFIG_NAME" "${OVERRIDES[@]}" "$@")
+# Ray starts its workers from the raylet of their node, not from this shell: on a cluster started apart from the
+# launch (RAY_ADDRESS), a variable exported here reaches them only through runtime_env. Quoted so that Hydra keeps
+# every value a string (Ray refuses others, e.g. OMP_NUM_THREADS=1 read as an int). Left out of the launch check's
+# recorded settings, as the rest of the environment is: a resume may change them.
+WORKER_ENV=${WORKER_ENV:-}
+ENV_OVERRIDES=()
+for name in $WORKER_ENV; do
+    [[ -v $name ]] || continue
+    value=${!name}
+    ENV_OVERRIDES+=("++ray_kwargs.ray_init.runtime_env.env_vars.$name='${value//\'/\\\'}'")
+done
+
+CMD=("$PYTHON" -m verl.trainer.main_ppo "--config-name=$CONFIG_NAME" "${OVERRIDES[@]}" "${ENV_OVERRIDES[@]}" "$@")
 CHECK=("$PYTHON" -m cw_verl.paper.launch_check --config-name "$CONFIG_NAME" --gpu-memory-gb "$GPU_MEMORY_GB" --run-dir "$RUN_DIR")
 [[ -n "${DUMP_CONFIG:-}" ]] && CHECK+=(--dump-config "$DUMP_CONFIG")
 [[ "${CHECK_IMPORTS:-1}" == 0 ]] && CHECK+=(--skip-imports)
@@ -325,8 +338,12 @@ mkdir -p "$(dirname "$METRICS_FILE")"
 if [[ "${SUPERVISE:-0}" == 1 ]]; then
     # SUPERVISE_ARGS: e.g. (--startup-timeout 600 --step-timeout 120); see python -m cw_verl.cpu.supervise --help.
     declare -p SUPERVISE_ARGS &>/dev/null || SUPERVISE_ARGS=()
+    # The supervisor finds the run's processes by this tag in their environment; Ray workers of a cluster
+    # started apart from the launch carry it only through runtime_env. It names this launch, not a setting.
+    RUN_ID=$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')
+    CMD+=("++ray_kwargs.ray_init.runtime_env.env_vars.CW_VERL_RUN_ID='$RUN_ID'")
     # Next to the metrics: the run's status, times and peak memory (JSON).
     CMD=("$PYTHON" -m cw_verl.cpu.supervise --metrics "$METRICS_FILE" --report "${METRICS_FILE%.jsonl}.run.json"
-        "${SUPERVISE_ARGS[@]}" -- "${CMD[@]}")
+        --run-id "$RUN_ID" "${SUPERVISE_ARGS[@]}" -- "${CMD[@]}")
 fi
 exec "${CMD[@]}"

@@ -72,14 +72,12 @@ export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
+# The Ray workers get the same (recipes/common.sh: WORKER_ENV), also on a cluster's nodes started apart from the launch.
+WORKER_ENV="VERL_PLATFORM VLLM_TARGET_DEVICE VLLM_CPU_KVCACHE_SPACE VLLM_CPU_OMP_THREADS_BIND OMP_NUM_THREADS
+    HF_HUB_OFFLINE TOKENIZERS_PARALLELISM ${WORKER_ENV:-}"
 
 PROFILE_OVERRIDES=(
     trainer.device=cpu
-    # Ray's "GPU" resource counts rank slots on the CPU platform (cw_verl/cpu/platform.py).
-    "+ray_kwargs.ray_init.num_gpus=$GPUS_PER_NODE"
-    # Logical CPUs for Ray's scheduler (not cores): the task runner, TransferQueue, agent-loop, reward and
-    # load-balancer actors each hold one; Ray's default (the core count) leaves some unscheduled forever.
-    ray_kwargs.ray_init.num_cpus=16
     transfer_queue.backend.SimpleStorage.num_data_storage_units=1
     actor_rollout_ref.rollout.agent.num_workers=1
     reward.num_workers=1
@@ -107,6 +105,18 @@ PROFILE_OVERRIDES=(
     trainer.val_before_train=True
     "trainer.test_freq=$TOTAL_STEPS"
 )
+if [[ -z "${RAY_ADDRESS:-}" || "$RAY_ADDRESS" == local ]]; then
+    PROFILE_OVERRIDES+=(
+        # Ray's "GPU" resource counts rank slots on the CPU platform (cw_verl/cpu/platform.py).
+        "+ray_kwargs.ray_init.num_gpus=$GPUS_PER_NODE"
+        # Logical CPUs for Ray's scheduler (not cores): the task runner, TransferQueue, agent-loop, reward and
+        # load-balancer actors each hold one; Ray's default (the core count) leaves some unscheduled forever.
+        ray_kwargs.ray_init.num_cpus=16
+    )
+fi
+# Joining a cluster (RAY_ADDRESS), Ray refuses resource arguments: its nodes declare them when started, e.g.
+# `ray start --num-gpus=$GPUS_PER_NODE --num-cpus=16` (GPUs as rank slots, as above).
+# The Megatron bridge is common.sh's BRIDGE (mbridge: Megatron-Bridge, verl's default, does not install here).
 if [[ "$ACTOR_STRATEGY" != megatron ]]; then
     PROFILE_OVERRIDES+=(
         actor_rollout_ref.actor.fsdp_config.use_torch_compile=False

@@ -1,7 +1,7 @@
 """Run verl's trainer with bounded waits and leave no process behind.
 
     python -m cw_verl.cpu.supervise --metrics FILE [--startup-timeout S] [--step-timeout S]
-        [--timeout S] -- python -m verl.trainer.main_ppo ...
+        [--timeout S] [--run-id ID] -- python -m verl.trainer.main_ppo ...
 
 ``main_ppo`` on a small machine can stop making progress without exiting: a Ray actor that cannot be
 scheduled waits forever (e.g. TransferQueue's storage actors taking every logical CPU), a failed
@@ -10,7 +10,12 @@ daemons and workers (and vLLM's engine processes) running, holding gigabytes. Th
 
 * tags the command's environment with a unique ``CW_VERL_RUN_ID``, which every process it starts
   inherits -- Ray's GCS and raylet, every Ray worker, every vLLM server and engine process -- so that
-  exactly this run's processes can be found in ``/proc`` and nothing else is touched;
+  exactly this run's processes can be found in ``/proc`` and nothing else is touched. On a Ray cluster
+  started apart from the launch (``RAY_ADDRESS``), Ray's daemons are not the run's and do not carry the
+  tag, and its workers are started by their node's raylet: they carry it only if the command hands it to
+  them through Ray's ``runtime_env`` (``--run-id`` names the tag the command uses; the recipes do so).
+  Ending the driver ends the run's job, and Ray then ends the job's actors on every node; the
+  supervisor also ends the tagged workers on its own host itself;
 * watches progress through verl's metrics JSONL (``trainer.logger`` with ``file``; one line per
   logged step): no first line within ``--startup-timeout`` seconds, or no new line within
   ``--step-timeout`` seconds, or more than ``--timeout`` seconds in all, and the run is stopped with a
@@ -154,10 +159,15 @@ class _Interrupted(Exception):
 
 
 def supervise(
-    command: list[str], metrics: Path, limits: Limits, poll_s: float = 1.0, report: Path | None = None
+    command: list[str],
+    metrics: Path,
+    limits: Limits,
+    poll_s: float = 1.0,
+    report: Path | None = None,
+    run_id: str | None = None,
 ) -> int:
     """Run ``command`` under ``limits`` (see the module docstring); returns the exit status to use."""
-    run_id = uuid.uuid4().hex
+    run_id = run_id or uuid.uuid4().hex
     env = dict(os.environ, **{RUN_ID_ENV: run_id})
     start = time.monotonic()
 
@@ -233,6 +243,7 @@ def supervise(
     if report is not None:
         summary = {
             "status": status,
+            "run_id": run_id,
             "limit_hit": reason,
             "wall_seconds": elapsed,
             "seconds_to_first_logged_step": first_step_s,
@@ -261,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds the trainer may keep running after losing a vLLM engine or a Ray worker",
     )
     parser.add_argument("--report", type=Path, help="write a JSON summary here (status, times, peak memory)")
+    parser.add_argument(
+        "--run-id",
+        help=f"the {RUN_ID_ENV} tag (default: a new one); give the one the command also hands to Ray's workers",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -272,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         total_s=args.timeout,
         lost_process_grace_s=args.lost_process_grace,
     )
-    return supervise(command, args.metrics, limits, report=args.report)
+    return supervise(command, args.metrics, limits, report=args.report, run_id=args.run_id)
 
 
 if __name__ == "__main__":

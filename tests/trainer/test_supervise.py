@@ -73,6 +73,24 @@ def test_a_finished_run_keeps_its_status_and_its_detached_processes_are_ended(tm
     assert report["command"][:2] == ["bash", "-c"]
 
 
+def test_on_a_cluster_the_workers_handed_the_tag_are_ended_and_the_clusters_daemons_are_not(tmp_path):
+    # Both started apart from the command, as a Ray cluster's raylet and the workers it starts for the run are;
+    # only the "worker" carries the run's tag, as Ray's runtime_env hands it to the run's workers (--run-id).
+    env = {k: v for k, v in os.environ.items() if k != RUN_ID_ENV}
+    daemon = subprocess.Popen(["sleep", "600"], env=env, cwd=tmp_path, start_new_session=True)
+    worker = subprocess.Popen(["sleep", "600"], env={**env, RUN_ID_ENV: "run-7"}, cwd=tmp_path, start_new_session=True)
+    try:
+        result = supervise(tmp_path, f"{STEP}; {STEP}", "--run-id", "run-7")
+        assert result.returncode == 0, result.stderr
+        assert worker.wait(timeout=30) == -signal.SIGTERM
+        assert daemon.poll() is None
+        assert json.loads((tmp_path / "report.json").read_text())["run_id"] == "run-7"
+    finally:
+        for proc in (daemon, worker):
+            proc.kill()
+            proc.wait()
+
+
 def test_a_clean_run_exits_zero(tmp_path):
     result = supervise(tmp_path, f"{STEP}; {STEP}")
     assert result.returncode == 0, result.stderr
