@@ -30,3 +30,18 @@ def layouts_and_a_wrong_group(rank, world_size, model_path, batch_path, plan, wr
     else:
         out["wrong group error"] = None
     return out
+
+
+def vocab_parallel_entropies(rank, world_size, cases):
+    """verl's Megatron ``vocab_parallel_entropy`` on this rank's share of the vocabulary (TP = ``world_size``),
+    for each ``(logits, dtype)`` of ``cases``."""
+    from megatron.core import parallel_state as mpu
+    from verl.utils.megatron.tensor_parallel import vocab_parallel_entropy
+
+    mpu.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    try:
+        tp_rank = mpu.get_tensor_model_parallel_rank()
+        shards = [logits.chunk(world_size, dim=-1)[tp_rank].to(dtype).contiguous() for logits, dtype in cases]
+        return [vocab_parallel_entropy(shard) for shard in shards]
+    finally:
+        mpu.destroy_model_parallel()
