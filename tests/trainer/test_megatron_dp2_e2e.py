@@ -1,6 +1,7 @@
 """The paper recipes' engine settings through verl's real trainer on CPU: the Megatron actor with data
-parallelism (``ACTOR_STRATEGY=megatron ACTOR_TP=1 GPUS_PER_NODE=2``: DP = 2), dynamic micro-batches from
-common.sh, one launch of 2 steps per arm (marker ``e2e``; issue 19).
+parallelism (``ACTOR_STRATEGY=megatron ACTOR_TP=1 GPUS_PER_NODE=2``: DP = 2; for cw_grpo also ``ACTOR_TP=2
+GPUS_PER_NODE=4``: TP = 2 x DP = 2), dynamic micro-batches from common.sh, one launch of 2 steps each (marker
+``e2e``; issue 19).
 
 What makes the CW statistics checkable from verl's log: verl averages a loss's metrics over the micro-batches
 of each rank and then over the data-parallel ranks (``Metric.aggregate_dp``, pinned below). A statistic that is
@@ -21,7 +22,7 @@ from tests.trainer.test_main_ppo_e2e import EP_METRICS, NO_VAL, SCHEDULE
 
 PROMPTS, GROUP_SIZE = 16, 8  # the tiny recipe's TRAIN_BATCH_SIZE and N_GENERATIONS
 RESPONSES = PROMPTS * GROUP_SIZE
-DP2 = dict(ACTOR_STRATEGY="megatron", ACTOR_TP="1", GPUS_PER_NODE="2", TOTAL_STEPS="2", **SCHEDULE)
+SETTINGS = dict(ACTOR_STRATEGY="megatron", TOTAL_STEPS="2", **SCHEDULE)
 
 
 def e2e(test):
@@ -34,10 +35,13 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("megatron_dp2_e2e")
 
 
-def launch_dp2(root, name: str, arm: str, *command_lines: str) -> dict[int, dict]:
-    """One 2-step launch of ``arm`` on Megatron DP = 2 whose main_ppo command holds ``command_lines``; its metrics
-    per step."""
-    run = tiny_runs.launch(root, root / "assets", name, *NO_VAL, ARM=arm, **DP2)
+def launch_dp2(root, name: str, arm: str, *command_lines: str, tp: int = 1) -> dict[int, dict]:
+    """One 2-step launch of ``arm`` on Megatron with TP = ``tp`` and DP = 2 whose main_ppo command holds
+    ``command_lines``; its metrics per step."""
+    ranks = str(2 * tp)
+    run = tiny_runs.launch(
+        root, root / "assets", name, *NO_VAL, ARM=arm, ACTOR_TP=str(tp), GPUS_PER_NODE=ranks, **SETTINGS
+    )
     assert run.returncode == 0, run.output[-5000:]
     report = run.report()
     print(f"\n{name}: wall {report['wall_seconds']:.0f} s, peak {report['peak_pss_gb']:.1f} GB (PSS)")
@@ -45,7 +49,10 @@ def launch_dp2(root, name: str, arm: str, *command_lines: str) -> dict[int, dict
     assert sorted(s for s, row in steps.items() if "critic/score/mean" in row) == [1, 2]
     assert "launch check: actor_dp = 2" in run.output
     command = report["command"]
-    for line in ("actor_rollout_ref.actor.megatron.tensor_model_parallel_size=1", "trainer.n_gpus_per_node=2"):
+    for line in (
+        f"actor_rollout_ref.actor.megatron.tensor_model_parallel_size={tp}",
+        f"trainer.n_gpus_per_node={ranks}",
+    ):
         assert line in command
     for line in command_lines:
         assert f"actor_rollout_ref.actor.{line}" in command or line in command, line
@@ -70,18 +77,22 @@ def test_verl_logs_the_mean_over_micro_batches_and_data_parallel_ranks():
     assert Metric.aggregate_dp(per_rank) == 25.0
 
 
+# TP=2 x DP=2 is the 7B profile's layout: 4 actor ranks and 4 vLLM servers, 16.6 GB peak (PSS) here.
 @e2e
-def test_cw_grpo_group_scope_statistics_are_global_over_the_dp_ranks(root):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_cw_grpo_group_scope_statistics_are_global_over_the_dp_ranks(root, tp):
     steps = launch_dp2(
         root,
-        "cw_megatron_dp2",
+        f"cw_megatron_tp{tp}_dp2",
         "cw_grpo",
         "policy_loss.loss_mode=cw_grpo_group",
         "use_dynamic_bsz=True",
         "ppo_max_token_len_per_gpu=200",
+        tp=tp,
     )
     for row in (steps[1], steps[2]):
-        # Every valid response token of the step, on both ranks: a rank's own tokens would log about half.
+        # Every valid response token of the step, on both DP ranks, once: a DP rank's own tokens would log about
+        # half, the tensor-parallel replicas counted too twice as many.
         assert row["actor/cw/num_tokens"] == valid_response_tokens(row), row["actor/cw/num_tokens"]
         assert row["actor/cw/excluded_tokens"] == 0
         assert row["actor/cw/weight_mean"] == pytest.approx(1.0, abs=1e-3)
