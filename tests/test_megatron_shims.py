@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from cw_verl.cpu import megatron as cpu_megatron
+from tests.megatron_ranks import recompute_gradients
+from tests.ranks import run_on_ranks
 
 
 def test_the_installed_libraries_are_the_ones_the_shims_were_written_against():
@@ -111,6 +113,47 @@ def test_the_cpu_rng_tracker_forks_named_cpu_streams():
     assert torch.equal(other, torch.rand(2, generator=torch.Generator().manual_seed(8)))
     with pytest.raises(Exception, match="already exists"):
         tracker.add("other", 9)
+
+
+def test_megatrons_recompute_saves_and_restores_rng_states_through_the_two_functions_the_shim_replaces():
+    from megatron.core.tensor_parallel import random
+
+    def source(function):
+        return inspect.getsource(function)
+
+    # What fails on a CPU-only torch: the CUDA generator's state.
+    assert "_get_cuda_rng_state(" in source(random._get_all_rng_states)
+    assert "_set_cuda_rng_state(" in source(random._set_all_rng_states)
+    assert list(inspect.signature(random._get_all_rng_states).parameters) == []
+    assert list(inspect.signature(random._set_all_rng_states).parameters) == [
+        "cpu_rng_state",
+        "cuda_rng_state",
+        "cuda_rng_state_tracker",
+    ]
+    # Every recompute path reaches the states through the module-level names the shim replaces.
+    assert "ctx.rng_states = _get_all_rng_states()" in source(random.CheckpointFunction.forward)
+    assert "with _fork_rng():" in source(random.CheckpointFunction.backward)
+    assert "_set_all_rng_states(*ctx.rng_states)" in source(random.CheckpointFunction.backward)
+    assert "current_states = _get_all_rng_states()" in source(random._fork_rng)
+    assert "_set_all_rng_states(*current_states)" in source(random._fork_rng)
+    assert "self.rng_states = _get_all_rng_states()" in source(random.CheckpointWithoutOutput.checkpoint)
+    assert "_set_all_rng_states(*self.rng_states)" in source(random.CheckpointWithoutOutput._recompute)
+    if not torch.cuda.is_available():
+        with pytest.raises((AssertionError, RuntimeError)):
+            torch.cuda.random.get_rng_state()
+
+
+def test_recompute_on_the_cpu_gives_the_gradients_of_the_plain_forward():
+    (runs,) = run_on_ranks(recompute_gradients, 1)
+    assert runs["patched"] == [True, "_set_all_rng_states"]  # the CPU platform armed the shim in the rank
+    plain, recompute, control = runs["plain"], runs["recompute"], runs["recompute without restore"]
+    assert torch.equal(recompute["out"], plain["out"])
+    for got, want in zip(recompute["grads"], plain["grads"], strict=True):
+        assert torch.equal(got, want)
+    # The default stream goes on as if nothing had been recomputed.
+    assert torch.equal(recompute["rng_after"], plain["rng_after"])
+    # Replayed on other random numbers (dropout masks), the same recompute gives other gradients.
+    assert not all(torch.equal(got, want) for got, want in zip(control["grads"], plain["grads"], strict=True))
 
 
 def test_the_cpu_layers_take_the_arguments_megatron_passes():

@@ -9,8 +9,9 @@ four things that megatron-core 0.16.1 and mbridge 0.15.1 take from CUDA are give
   ``torch.cuda.synchronize()``). While one of verl's Megatron engine methods runs, a torch function mode
   maps CUDA devices to the CPU and two ``torch.cuda`` functions are stubbed. Scoped to those methods, so
   nothing else in the process (an FSDP engine, vLLM) sees it.
-- **RNG** (:func:`patch_megatron_random`): megatron's model-parallel RNG tracker keeps CUDA generator
-  states; a subclass keeps CPU ones.
+- **RNG** (:func:`patch_megatron_rng`): megatron's model-parallel RNG tracker keeps CUDA generator
+  states; a subclass keeps CPU ones. Activation recompute saves and restores the CPU states instead of CUDA's
+  (:func:`patch_recompute_rng_states`).
 - **layers** (:func:`patch_mbridge_llm_bridge`): mbridge builds TransformerEngine layers; on CPU it builds
   :func:`cw_verl.cpu.megatron_layers.cpu_layer_spec` (megatron's local spec with a packed-sequence,
   context-parallel attention and a sequence-parallel RMSNorm) and maps the local spec's norm names to HF.
@@ -161,7 +162,6 @@ def patch_megatron_random(random_module) -> None:
     ``initialize_rng_tracker`` instantiates the module-level name ``CudaRNGStatesTracker``, so replacing that
     name with a CPU subclass covers every tracker megatron creates (verl's ``set_random_seed`` ->
     ``model_parallel_cuda_manual_seed``; ``torch.cuda.manual_seed`` itself is a no-op without CUDA).
-    Activation recomputation, which restores CUDA RNG states by other means, is not covered.
     """
     base = random_module.CudaRNGStatesTracker
     if getattr(base, _PATCHED, False):
@@ -198,6 +198,36 @@ def patch_megatron_random(random_module) -> None:
         random_module.initialize_rng_tracker(force_reset=True)
 
 
+def patch_megatron_rng(random_module) -> None:
+    """Post-import hook for ``megatron.core.tensor_parallel.random``: the tracker and activation recompute."""
+    patch_megatron_random(random_module)
+    patch_recompute_rng_states(random_module)
+
+
+def patch_recompute_rng_states(random_module) -> None:
+    """Activation recompute (``recompute_granularity=full``/``selective``) on the CPU RNG.
+
+    megatron-core 0.16.1's ``CheckpointFunction`` and ``CheckpointWithoutOutput`` replay a segment's forward in
+    backward with the RNG states it ran with, through the module's ``_get_all_rng_states`` /
+    ``_set_all_rng_states`` (also ``_fork_rng``): the CPU generator, the CUDA generator (which a CPU-only torch
+    refuses: "Torch not compiled with CUDA enabled") and the tracker's named states. On the CPU, every random op
+    draws from the CPU generator, so it and the tracker's (CPU) states are the whole state; no CUDA slot is kept.
+    """
+    if getattr(random_module._get_all_rng_states, _PATCHED, False):
+        return
+
+    def _get_all_rng_states():
+        return torch.get_rng_state(), None, random_module.get_cuda_rng_tracker().get_states()
+
+    def _set_all_rng_states(cpu_rng_state, cuda_rng_state, cuda_rng_state_tracker):
+        torch.set_rng_state(cpu_rng_state)
+        random_module.get_cuda_rng_tracker().set_states(cuda_rng_state_tracker)
+
+    for function in (_get_all_rng_states, _set_all_rng_states):
+        setattr(function, _PATCHED, True)
+        setattr(random_module, function.__name__, function)
+
+
 # ------------------------------------------------------------------------------------------------ layers
 
 
@@ -229,7 +259,7 @@ def patch_mbridge_llm_bridge(llm_bridge) -> None:
 # -------------------------------------------------------------------------------------------- activation
 
 POST_IMPORT_HOOKS: dict[str, Callable[[Any], None]] = {
-    "megatron.core.tensor_parallel.random": patch_megatron_random,
+    "megatron.core.tensor_parallel.random": patch_megatron_rng,
     "mbridge.core.llm_bridge": patch_mbridge_llm_bridge,
     "verl.workers.engine.megatron.transformer_impl": patch_megatron_engine,
 }

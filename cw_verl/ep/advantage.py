@@ -12,6 +12,26 @@ from cw_verl.ep.progress import group_rewards_vary, polarity, policy_divergence
 
 F64 = torch.float64
 
+# verl computes entropy as ``logsumexp(l) - sum(softmax(l) * l)`` (``entropy_from_logits``, Megatron's
+# ``vocab_parallel_entropy``): two terms of the size of the largest |logit| whose difference, on a peaked
+# distribution, is ~0, so it can round below 0 by a few units in the last place of that logit. Measured with
+# verl 0.9.1's functions (tests/test_ep_rounding.py): float32 down to -1.3 eps |l|max (-1.5e-5 at |l|max ~ 97),
+# bfloat16 down to -0.4 eps |l|max (-0.125 at |l|max ~ 39). A negative entropy within
+# ENTROPY_ROUNDING_EPS x eps(dtype) x ENTROPY_LOGIT_BOUND of 0 is such rounding and counts as 0: 3x the measured
+# worst case, for logits up to 128 in magnitude (language models' logits stay well inside it). Anything further
+# below 0 is not an entropy (log-probs passed in its place, say) and raises.
+ENTROPY_ROUNDING_EPS = 4.0
+ENTROPY_LOGIT_BOUND = 128.0
+
+
+def entropy_rounding_tolerance(dtype: torch.dtype) -> float:
+    """How far below 0 an entropy held in ``dtype`` may round (float32 and float64: 6.1e-5; bfloat16: 4.0).
+
+    verl computes entropies in float32 at best: a float64 tensor is an upcast and carries float32's rounding.
+    """
+    eps = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+    return ENTROPY_ROUNDING_EPS * eps * ENTROPY_LOGIT_BOUND
+
 
 class EPInputError(ValueError):
     """Invalid input to the EP-GRPO advantage (shapes, NaN/inf, no valid token)."""
@@ -67,6 +87,22 @@ def _check(name: str, tensor: torch.Tensor, shape: tuple, mask: torch.Tensor | N
         raise EPInputError(f"ep_grpo: {name} has {bad} NaN/inf value(s) on valid tokens")
 
 
+def _rounding_clamped(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``entropy`` with values rounded below 0 (see :data:`ENTROPY_ROUNDING_EPS`) set to 0."""
+    lowest = entropy[mask].min()
+    if lowest >= 0:
+        return entropy
+    tolerance = entropy_rounding_tolerance(entropy.dtype)
+    if lowest < -tolerance:
+        below = int((entropy[mask] < -tolerance).sum())
+        raise EPInputError(
+            f"ep_grpo: negative entropy on {below} valid token(s) (min {lowest.item():.3g}), beyond the "
+            f"{entropy.dtype} rounding tolerance -{tolerance:.3g} (= {ENTROPY_ROUNDING_EPS:g} eps x logits up to "
+            f"{ENTROPY_LOGIT_BOUND:g}): not an entropy"
+        )
+    return entropy.clamp(min=0)
+
+
 def ep_token_advantages(
     scores: torch.Tensor,
     outcome_advantage: torch.Tensor,
@@ -85,7 +121,8 @@ def ep_token_advantages(
         scores: ``[B]`` sequence rewards r_i.
         outcome_advantage: ``[B]`` GRPO advantages A_i.
         group: ``[B]`` int64 prompt-group ids.
-        entropy: ``[B, T]`` per-token entropy of the policy that sampled the batch.
+        entropy: ``[B, T]`` per-token entropy of the policy that sampled the batch; values rounded below 0 (within
+            :func:`entropy_rounding_tolerance` of its dtype) count as 0.
         old_log_prob: ``[B, T]`` log-probs of the sampled tokens under that policy.
         ref_log_prob: ``[B, T]`` log-probs under the reference policy.
         response_mask: ``[B, T]`` bool or 0/1.
@@ -95,7 +132,8 @@ def ep_token_advantages(
         :class:`EPAdvantage`.
 
     Raises:
-        EPInputError: a shape mismatch, NaN/inf on a valid token, a negative entropy, or no valid token.
+        EPInputError: a shape mismatch, NaN/inf on a valid token, an entropy below 0 by more than rounding, or no
+            valid token.
     """
     if response_mask.dim() != 2:
         raise EPInputError(f"ep_grpo: response_mask must be [B, T], got shape {tuple(response_mask.shape)}")
@@ -108,8 +146,7 @@ def ep_token_advantages(
         _check(name, tensor, shape, mask)
     if not mask.any():
         raise EPInputError("ep_grpo: the batch has no valid response token (response_mask is all zero)")
-    if (entropy[mask] < 0).any():
-        raise EPInputError(f"ep_grpo: negative entropy on valid tokens (min {entropy[mask].min().item():.3g})")
+    entropy = _rounding_clamped(entropy, mask)
 
     gate = entropy_gate(entropy, mask, config.gamma)
     outcome = gate * outcome_advantage.to(F64)[:, None]

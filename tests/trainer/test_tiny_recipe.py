@@ -67,6 +67,31 @@ def test_cpu_profile_settings(dry_runs):
     assert actor["ppo_mini_batch_size"] == cfg["data"]["train_batch_size"] and actor["ppo_epochs"] == 1
     assert actor["optim"]["lr_scheduler_type"] == "cosine"
     assert actor["optim"]["min_lr_ratio"] == pytest.approx(0.1)  # MIN_LR 1e-5 / LR 1e-4
+    # common.sh's dynamic micro-batches, with a budget of one prompt group of the longest sequences (8 x (16 + 9)).
+    ref = cfg["actor_rollout_ref"]["ref"]
+    assert actor["use_dynamic_bsz"] and actor["ppo_max_token_len_per_gpu"] == 8 * (16 + 9)
+    assert ref["log_prob_use_dynamic_bsz"] and ref["log_prob_max_token_len_per_gpu"] == 8 * (16 + 9)
+    assert rollout["log_prob_use_dynamic_bsz"] and rollout["log_prob_max_token_len_per_gpu"] == 8 * (16 + 9)
+
+
+def test_micro_batch_per_gpu_selects_fixed_micro_batches(dry_runs):
+    root, _ = dry_runs
+    env, _ = tiny_runs.recipe_env(
+        root,
+        root / "assets",
+        "fixed",
+        ARM="cw_grpo",
+        MICRO_BATCH_PER_GPU="16",
+        DRY_RUN="1",
+        DUMP_CONFIG=str(root / "fixed.yaml"),
+        METRICS_FILE=f"{root}/fixed.jsonl",
+    )
+    result = subprocess.run(["bash", str(tiny_runs.RECIPE)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    cfg = yaml.safe_load((root / "fixed.yaml").read_text())
+    actor, ref = cfg["actor_rollout_ref"]["actor"], cfg["actor_rollout_ref"]["ref"]
+    assert not actor["use_dynamic_bsz"] and actor["ppo_micro_batch_size_per_gpu"] == 16
+    assert ref["log_prob_micro_batch_size_per_gpu"] == 16
 
 
 @pytest.mark.parametrize("arm", ARMS[1:])
