@@ -21,7 +21,9 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +31,8 @@ import torch
 # few hundred operations per token; 1e-4 relative leaves room for that and none for a wrong formula (the
 # differences between scopes or between the paper's and the authors' weights are of order 1e-1).
 RTOL = 1e-4
+# Where each torchrun rank of part 3 writes its verdict.
+REPORTS_ENV = "CW_VERL_PREFLIGHT_REPORTS"
 
 
 def _batch(seed: int, rows: int = 16, length: int = 48, dtype=torch.float64):
@@ -92,7 +96,8 @@ def loss_on_device(device: str) -> list[str]:
 
 
 def statistics_rank() -> int:
-    """One torchrun rank of part 3; prints ``PREFLIGHT_RANK <rank> OK|<problem>``; exit status 0 if OK."""
+    """One torchrun rank of part 3; writes ``OK`` or its problem to ``rank<rank>.txt`` in the directory named by
+    :data:`REPORTS_ENV`; exit status 0 if OK."""
     import torch.distributed as dist
 
     from cw_verl.distributed import group_gather
@@ -120,7 +125,10 @@ def statistics_rank() -> int:
         everyone = group_gather(dist.group.WORLD)(summary)
         if problem is None and not bool((everyone == summary).all()):
             problem = f"ranks hold different statistics: {everyone.tolist()}"
-        print(f"PREFLIGHT_RANK {rank} {'OK' if problem is None else problem}", flush=True)
+        # A file per rank, not a line on the shared stdout, where another process's output can run into it.
+        verdict = "OK" if problem is None else problem
+        (Path(os.environ[REPORTS_ENV]) / f"rank{rank}.txt").write_text(verdict)
+        print(f"rank {rank}: {verdict}", flush=True)
         return 0 if problem is None else 1
     finally:
         dist.destroy_process_group()
@@ -130,16 +138,17 @@ def statistics_over_ranks(ranks: int, backend: str, timeout: float = 300.0) -> l
     """Part 3: ``ranks`` processes under torchrun; the problems they report."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     command += ["-m", "cw_verl.preflight", "--statistics-rank"]
-    env = {**os.environ, "CW_VERL_PREFLIGHT_BACKEND": backend}
-    try:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return [f"{backend} all-gather over {ranks} ranks did not finish in {timeout:.0f} s (a hung collective)"]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("PREFLIGHT_RANK")]
-    problems = [line for line in lines if not line.endswith(" OK")]
-    if len(lines) != ranks or result.returncode != 0:
+    with tempfile.TemporaryDirectory(prefix="cw_verl_preflight_") as reports:
+        env = {**os.environ, "CW_VERL_PREFLIGHT_BACKEND": backend, REPORTS_ENV: reports}
+        try:
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return [f"{backend} all-gather over {ranks} ranks did not finish in {timeout:.0f} s (a hung collective)"]
+        verdicts = {path.stem: path.read_text() for path in Path(reports).glob("rank*.txt")}
+    problems = [f"{rank}: {verdict}" for rank, verdict in sorted(verdicts.items()) if verdict != "OK"]
+    if len(verdicts) != ranks or result.returncode != 0:
         problems.append(
-            f"torchrun exited {result.returncode} with {len(lines)}/{ranks} ranks reporting: "
+            f"torchrun exited {result.returncode} with {len(verdicts)}/{ranks} ranks reporting: "
             f"{result.stderr.strip()[-800:]}"
         )
     return problems

@@ -77,18 +77,18 @@ def test_verl_logs_the_mean_over_micro_batches_and_data_parallel_ranks():
     assert Metric.aggregate_dp(per_rank) == 25.0
 
 
-# TP=2 x DP=2 is the 7B profile's layout: 4 actor ranks and 4 vLLM servers, 16.6 GB peak (PSS) here.
+# TP=2 x DP=2 is the 7B profile's layout: 4 actor ranks and 4 vLLM servers, 16.3-16.6 GB peak (PSS) here. The
+# other arms run TP=1 x DP=2; cw_grpo runs this layout only (TP=1 x DP=2 passed too, 187 s: left out of CI for time).
 @e2e
-@pytest.mark.parametrize("tp", [1, 2])
-def test_cw_grpo_group_scope_statistics_are_global_over_the_dp_ranks(root, tp):
+def test_cw_grpo_group_scope_statistics_are_global_over_the_dp_ranks_of_tp2(root):
     steps = launch_dp2(
         root,
-        f"cw_megatron_tp{tp}_dp2",
+        "cw_megatron_tp2_dp2",
         "cw_grpo",
         "policy_loss.loss_mode=cw_grpo_group",
         "use_dynamic_bsz=True",
         "ppo_max_token_len_per_gpu=200",
-        tp=tp,
+        tp=2,
     )
     for row in (steps[1], steps[2]):
         # Every valid response token of the step, on both DP ranks, once: a DP rank's own tokens would log about
@@ -98,6 +98,9 @@ def test_cw_grpo_group_scope_statistics_are_global_over_the_dp_ranks(root, tp):
         assert row["actor/cw/weight_mean"] == pytest.approx(1.0, abs=1e-3)
         assert 0 <= row["actor/cw/weight_min"] <= 1 <= row["actor/cw/weight_max"]
     assert steps[1]["actor/cw/sigma"] > 0
+    # bf16 actor (verl's Megatron engine refuses fp32) against vLLM's float32, weights synced from TP shards: a
+    # sanity bound only (0.05-0.08 measured on TP=2 x DP=1), the FSDP2 run and its negative control prove the sync.
+    assert steps[2]["training/rollout_probs_diff_max"] < 0.2
 
 
 @e2e
