@@ -88,20 +88,32 @@ def tagged_pids(run_id: str, exclude: set[int] = frozenset()) -> list[int]:
 
 
 def terminate_tagged(run_id: str, grace_s: float = 10.0) -> int:
-    """SIGTERM every tagged process, SIGKILL what is left after ``grace_s``; returns how many were found."""
+    """SIGTERM every tagged process, SIGKILL what is left after ``grace_s``; returns how many were found.
+
+    The table is read until two readings in a row find no tagged process, and each process seen for the first
+    time is sent SIGTERM then: a process can be missing from one reading (forked by a dying parent, or
+    mid-``exec``, when ``/proc/<pid>/environ`` reads empty) and must not be left to the SIGKILL at the end.
+    """
     me = {os.getpid()}
-    found = tagged_pids(run_id, me)
-    for pid in found:
-        _signal(pid, signal.SIGTERM)
+    signalled: set[int] = set()
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and tagged_pids(run_id, me):
+    previous_reading_empty = False
+    while time.monotonic() < deadline:
+        pids = set(tagged_pids(run_id, me))
+        if not pids and previous_reading_empty:
+            break
+        for pid in pids - signalled:
+            _signal(pid, signal.SIGTERM)
+            signalled.add(pid)
+        previous_reading_empty = not pids
         time.sleep(0.2)
     for pid in tagged_pids(run_id, me):
         _signal(pid, signal.SIGKILL)
+        signalled.add(pid)
     deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline and tagged_pids(run_id, me):
         time.sleep(0.2)
-    return len(found)
+    return len(signalled)
 
 
 def critical_processes(pids: list[int]) -> dict[int, str]:

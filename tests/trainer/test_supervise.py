@@ -167,3 +167,24 @@ def test_no_command_is_a_usage_error(tmp_path):
         text=True,
     )
     assert result.returncode == 2 and "no command given" in result.stderr
+
+
+def test_a_process_missing_from_the_first_reading_is_still_sent_sigterm_and_counted(tmp_path, monkeypatch):
+    # A process forked by a dying parent, or mid-exec (its environ reads empty), can be missing from one reading
+    # of /proc: it must get SIGTERM on the next reading, not wait for the SIGKILL at the end of the grace period.
+    from cw_verl.cpu import supervise as supervise_module
+
+    straggler = subprocess.Popen(["sleep", "600"], env={**os.environ, RUN_ID_ENV: "run-late"}, cwd=tmp_path)
+    real_tagged_pids = supervise_module.tagged_pids
+    readings = []
+
+    def first_reading_misses_it(run_id, exclude=frozenset()):
+        readings.append(run_id)
+        return [] if len(readings) == 1 else real_tagged_pids(run_id, exclude)
+
+    monkeypatch.setattr(supervise_module, "tagged_pids", first_reading_misses_it)
+    try:
+        assert supervise_module.terminate_tagged("run-late", grace_s=30.0) == 1
+        assert straggler.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        straggler.kill()
