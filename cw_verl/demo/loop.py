@@ -220,6 +220,8 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
                 if rank == 0 and not arm.loss_mode.startswith("cw_grpo"):
                     # The paper's Table 1 statistics under GRPO, observed only: the update is untouched.
                     metrics.update(probes.covariance_percentiles(batch))
+                if rank == 0:  # observed only, for every arm: the update never reads it
+                    metrics.update(probes.kernel_tails(batch))
                 if rank == 0 and step == 1 and arm.loss_mode == ARMS["cw_grpo_authors"].loss_mode:
                     terms = probes.weight_gradient_terms(rollout.model, batch, cfg.temperature)
                     metrics[WEIGHT_GRAD_KEY] = terms["relative_norm"]

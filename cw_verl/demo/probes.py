@@ -3,6 +3,8 @@
 * :func:`covariance_percentiles`: the paper's Table 1 statistics (sigma, mean covariance, the percentile
   thresholds) of a batch, for arms that do not compute them in their loss (GRPO, Clip-Cov): the paper
   measured its Table 1 and Fig. 3 under plain GRPO.
+* :func:`kernel_tails`: what CW-GRPO's kernel does (or would do, under GRPO) to each side of the token
+  covariance: the share of the positive- and of the negative-covariance tokens it weighs below one half.
 * :func:`weight_gradient_terms`: how much of the released objective's gradient flows through the weights
   themselves (``cw_grpo_authors`` detaches nothing), against the rest, for one batch.
 """
@@ -29,6 +31,43 @@ def covariance_percentiles(batch) -> dict[str, float]:
     values = _scope_metrics(stats, tokens).tolist()
     metrics = {f"actor/cw/{name}": value for name, value in zip(SCOPE_METRICS + RANK_METRICS, values, strict=True)}
     return {key: value for key, value in metrics.items() if key.startswith(PERCENTILE_PREFIXES)}
+
+
+TAIL_PREFIX = "probe/kernel/"
+
+
+def kernel_tails(batch) -> dict[str, float]:
+    """The kernel's effect on each side of the covariance for a verl batch (``old_log_probs``, ``advantages``,
+    ``response_mask``), with cw_grpo's default scope (all the batch's tokens; the arm's own weights when the
+    step is one mini-batch).
+
+    A token with ``c > 0`` (a likely token with a positive advantage, or an unlikely one with a negative
+    advantage) lowers the policy's entropy when it is reinforced; ``c < 0`` raises it (Cui et al.; paper
+    Sec. 2.2). The kernel is symmetric in ``c``, so when the positive tail is the longer one it takes away more
+    entropy-lowering updates than entropy-raising ones.
+
+    Returns:
+        ``probe/kernel/pos_below_half`` and ``neg_below_half``: the share of the valid tokens with ``c > 0``
+        (``c < 0``) whose ``w~ < 0.5``, NaN when that side is empty; ``pos_share_of_below_half``: the share of
+        the tokens with ``w~ < 0.5`` that have ``c > 0`` (NaN when none is below one half).
+    """
+    from cw_verl.weights import covariance_weights
+
+    tensors = batch.batch
+    mask = tensors["response_mask"].bool()
+    weights, cov, _ = covariance_weights(tensors["old_log_probs"], tensors["advantages"], tensors["response_mask"])
+    below = (weights < 0.5) & mask
+    positive, negative = (cov > 0) & mask, (cov < 0) & mask
+
+    def share(part: torch.Tensor, whole: torch.Tensor) -> float:
+        count = int(whole.sum())
+        return float((part & whole).sum()) / count if count else float("nan")
+
+    return {
+        f"{TAIL_PREFIX}pos_below_half": share(below, positive),
+        f"{TAIL_PREFIX}neg_below_half": share(below, negative),
+        f"{TAIL_PREFIX}pos_share_of_below_half": share(positive, below),
+    }
 
 
 def response_log_probs(model, batch, temperature: float) -> torch.Tensor:

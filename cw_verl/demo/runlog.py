@@ -20,6 +20,9 @@ ENTROPY = "actor/entropy"
 STEP_SECONDS = "timing_s/step"
 VAL_ACC = "val-core/digit_reversal/acc/mean@1"
 CW_FRAC_BELOW_HALF = "actor/cw/frac_below_half"
+# cw_verl.demo.probes.kernel_tails (the harness logs them for every arm)
+KERNEL_POS_BELOW_HALF = "probe/kernel/pos_below_half"
+KERNEL_NEG_BELOW_HALF = "probe/kernel/neg_below_half"
 TABLE1_LEVELS = ("0.01pct", "1pct", "20pct", "40pct")
 TABLE1_PERCENT = {"0.01pct": 0.01, "1pct": 1.0, "20pct": 20.0, "40pct": 40.0}
 
@@ -82,6 +85,11 @@ def _finite(values: list[float]) -> list[float]:
     return [v for v in values if math.isfinite(v)]
 
 
+def _mean(values: list[float]) -> float:
+    values = _finite(values)
+    return sum(values) / len(values) if values else math.nan
+
+
 def _edge_mean(values: list[float], count: int, last: bool) -> float:
     """Mean of the first/last ``count`` finite values: single-step rewards are noisy at this batch size."""
     values = _finite(values)
@@ -108,8 +116,10 @@ def summarize(run: RunLog, window: int = 10) -> dict[str, float]:
         "entropy_min": min(entropy_finite) if entropy_finite else math.nan,
         "entropy_max": max(entropy_finite) if entropy_finite else math.nan,
         "entropy_end": _edge_mean(entropy, window, last=True),
-        "frac_below_half": sum(_finite(below_half)) / len(_finite(below_half)) if _finite(below_half) else math.nan,
-        "seconds_per_step": sum(_finite(seconds)) / len(_finite(seconds)) if _finite(seconds) else math.nan,
+        "frac_below_half": _mean(below_half),
+        "pos_below_half": _mean(run.series(KERNEL_POS_BELOW_HALF)[1]),
+        "neg_below_half": _mean(run.series(KERNEL_NEG_BELOW_HALF)[1]),
+        "seconds_per_step": _mean(seconds),
     }
 
 

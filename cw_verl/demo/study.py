@@ -32,6 +32,8 @@ COLUMNS = (
     ("entropy, last {window}", "entropy_end", "{:.3f}"),
     ("entropy min", "entropy_min", "{:.3f}"),
     ("tokens w~ < 0.5", "frac_below_half", "{:.2%}"),
+    ("kernel: c>0 tokens w~ < 0.5", "pos_below_half", "{:.2%}"),
+    ("kernel: c<0 tokens w~ < 0.5", "neg_below_half", "{:.2%}"),
     ("weights' grad term / rest, step 1", "weights_grad_rel_norm", "{:.3f}"),
 )
 
@@ -44,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=RunConfig.steps)
     p.add_argument("--loss-agg-mode", default="seq-mean-token-mean", help="verl's actor.loss_agg_mode, for every arm")
     p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=RunConfig.lr)
+    p.add_argument(
+        "--mini-batches", type=int, default=RunConfig.mini_batches_per_step, help="optimizer steps per RL step"
+    )
     p.add_argument("--smoke", action="store_true", help="one seed, 3 steps: checks the wiring")
     p.add_argument(
         "--first-update",
@@ -131,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     arms = [ARMS[name] for name in names]
     _check_registered(arms)
     steps = args.steps
-    config_kwargs = {"loss_agg_mode": args.loss_agg_mode, "progress": False}
+    config_kwargs = {
+        "loss_agg_mode": args.loss_agg_mode,
+        "progress": False,
+        "lr": args.lr,
+        "mini_batches_per_step": args.mini_batches,
+    }
     if args.smoke:
         seeds, steps = seeds[:1], min(steps, 3)
         config_kwargs.update(prompts_per_step=8, group_size=4, mini_batches_per_step=2, micro_batch_size_per_gpu=8)
@@ -183,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": seeds,
         "steps": steps,
         "loss_agg_mode": args.loss_agg_mode,
+        "lr": args.lr,
+        "mini_batches_per_step": args.mini_batches,
         "world_size": args.world_size,
         "total_seconds": time.perf_counter() - started,
         "per_seed": runs,

@@ -42,5 +42,8 @@ def test_smoke_study_on_two_arms(tmp_path):
     keys = grpo.keys()
     assert "actor/cw/cov_pos_top_1pct" in keys and "actor/cw/sigma" in keys
     assert "actor/cw/weight_mean" not in keys  # observed only: GRPO's update has no weights
+    # What the kernel would do to each side of GRPO's covariance, also observed only.
+    assert {"probe/kernel/pos_below_half", "probe/kernel/neg_below_half"} <= set(keys)
+    assert 0.0 <= report["per_seed"]["grpo"][0]["pos_below_half"] <= 1.0
     cosine = read_jsonl(tmp_path / "seed0" / "cw_grpo_authors.jsonl").series("actor/cw/weights_grad_cosine")[1]
     assert len(cosine) == 1 and -1.0 <= cosine[0] <= 1.0
