@@ -46,7 +46,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=RunConfig.steps)
     p.add_argument("--loss-agg-mode", default="seq-mean-token-mean", help="verl's actor.loss_agg_mode, for every arm")
     p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=RunConfig.lr)
+    p.add_argument(
+        "--lrs",
+        "--lr",
+        default=str(RunConfig.lr),
+        help="comma-separated learning rates; several: one study each in OUT_DIR/lr<value>, then a sweep table "
+        "and figure (OUT_DIR/stability.md, stability.png)",
+    )
+    p.add_argument(
+        "--combine-only",
+        action="store_true",
+        help="no training: redo the sweep table and figure from the studies already in OUT_DIR/lr<value>",
+    )
     p.add_argument(
         "--mini-batches", type=int, default=RunConfig.mini_batches_per_step, help="optimizer steps per RL step"
     )
@@ -123,9 +134,8 @@ def first_update(rank: int, world_size: int, cfg: RunConfig) -> dict[str, float]
     return probes.compare_objectives(rollout.model, batch, cfg.temperature)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    quiet_known_warnings()
+def run_study(args, lr: float, out_dir: Path) -> int:
+    """One study (every seed and arm at learning rate ``lr``) into ``out_dir``, as ``main`` describes."""
     from cw_verl.cpu.launch import run_ranks
     from cw_verl.demo.cli import _check_registered
     from cw_verl.demo.warmstart import build_demo_model
@@ -140,14 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     config_kwargs = {
         "loss_agg_mode": args.loss_agg_mode,
         "progress": False,
-        "lr": args.lr,
+        "lr": lr,
         "mini_batches_per_step": args.mini_batches,
     }
     if args.smoke:
         seeds, steps = seeds[:1], min(steps, 3)
         config_kwargs.update(prompts_per_step=8, group_size=4, mini_batches_per_step=2, micro_batch_size_per_gpu=8)
         config_kwargs.update(val_problems=16)
-    out_dir = Path(args.out_dir)
     task = ReversalTask()
     started = time.perf_counter()
     runs: dict[str, list[dict[str, float]]] = {arm.name: [] for arm in arms}
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": seeds,
         "steps": steps,
         "loss_agg_mode": args.loss_agg_mode,
-        "lr": args.lr,
+        "lr": lr,
         "mini_batches_per_step": args.mini_batches,
         "world_size": args.world_size,
         "total_seconds": time.perf_counter() - started,
@@ -207,6 +216,39 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     print(f"\n[study] {out_dir / 'study.json'}; total {report['total_seconds']:.0f} s", flush=True)
+    return 0
+
+
+def _learning_rates(text: str) -> list[tuple[str, float]]:
+    """``"1e-4,3e-4"`` -> ``[("1e-4", 1e-4), ("3e-4", 3e-4)]``: the text names each study's folder."""
+    try:
+        rates = [(token.strip(), float(token)) for token in text.split(",") if token.strip()]
+    except ValueError:
+        raise SystemExit(f"--lrs must be comma-separated numbers, got {text!r}") from None
+    if not rates or any(not rate > 0 for _, rate in rates) or len({t for t, _ in rates}) != len(rates):
+        raise SystemExit(f"--lrs must name distinct positive learning rates, got {text!r}")
+    return rates
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    quiet_known_warnings()
+    rates = _learning_rates(args.lrs)
+    out_dir = Path(args.out_dir)
+    if len(rates) == 1 and not args.combine_only:
+        return run_study(args, rates[0][1], out_dir)
+    if args.first_update:
+        raise SystemExit("--first-update trains nothing: give it one learning rate")
+    if not args.combine_only:
+        for token, rate in rates:
+            print(f"[study] learning rate {token}", flush=True)
+            run_study(args, rate, out_dir / f"lr{token}")
+    from cw_verl.demo.sweep import combine
+
+    table, figure = combine(out_dir, [token for token, _ in rates])
+    print()
+    print(table)
+    print(f"\n[study] {out_dir / 'stability.md'}; figure {figure}", flush=True)
     return 0
 
 
