@@ -3,7 +3,8 @@
 
 Three launches carry most assertions (module-scoped fixtures, each a few minutes):
 
-* ``cw_run``: ``ARM=cw_grpo``, 3 steps, a checkpoint at step 3: the CW loss ran in the Ray workers,
+* ``cw_run``: ``ARM=cw_grpo``, 3 steps, a checkpoint at step 3: the CW loss ran in the Ray workers, each of
+  its calls there gave the loss the paper's weights give on the data it saw (recorded by a test-only hook),
   the parameters changed, vLLM sampled with the trained weights;
 * ``resumed``: ``cw_run`` checkpoints at steps 2 and 3; with the step-3 checkpoint removed (a run that died
   after step 2's), a second launch with the same settings resumes at step 3 (a launch with other settings
@@ -25,8 +26,11 @@ import os
 import subprocess
 import sys
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
+import torch
 
 from tests.trainer import tiny_runs
 
@@ -82,8 +86,21 @@ def tiny_dir(root):
 
 @pytest.fixture(scope="module")
 def cw_run(root, tiny_dir):
-    run = tiny_runs.launch(root, tiny_dir, "cw_fsdp2", *NO_VAL, **CW_RUN_SETTINGS)
+    # Every policy-loss call in the actor workers is recorded (tests/trainer/loss_capture_hook.py).
+    hook_dir = root / "loss_capture_hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text((Path(__file__).parent / "loss_capture_hook.py").read_text())
+    run = tiny_runs.launch(
+        root,
+        tiny_dir,
+        "cw_fsdp2",
+        *NO_VAL,
+        **CW_RUN_SETTINGS,
+        PYTHONPATH=os.pathsep.join([str(hook_dir), os.environ.get("PYTHONPATH", "")]),
+        CW_VERL_TEST_CAPTURE_DIR=str(root / "loss_calls"),
+    )
     assert run.returncode == 0, run.output[-5000:]
+    run.notes["loss_calls"] = root / "loss_calls"
     return run
 
 
@@ -153,6 +170,74 @@ def test_cw_loss_ran_in_the_ray_workers(cw_run):
     command = cw_run.report()["command"]
     assert "actor_rollout_ref.actor.policy_loss.loss_mode=cw_grpo_group" in command
     assert "algorithm.adv_estimator=cw_grpo" in command
+
+
+def paper_group_weights(shards: list[dict]) -> dict:
+    """Sec. 2.3 in the group scope, in float64 from the mini-batch shards of every rank: per prompt uid, the
+    means of log pi and A over the group's valid tokens, sigma (the std of c) and the normaliser N / sum w."""
+    values = defaultdict(lambda: ([], []))
+    for shard in shards:
+        mask = shard["response_mask"].bool()
+        for row, uid in enumerate(shard["uids"]):
+            values[uid][0].append(shard["old_log_probs"][row][mask[row]].double())
+            values[uid][1].append(shard["advantages"][row][mask[row]].double())
+    groups = {}
+    for uid, (log_probs, advantages) in values.items():
+        lp, adv = torch.cat(log_probs), torch.cat(advantages)
+        mean_lp, mean_adv = lp.mean(), adv.mean()
+        c = (lp - mean_lp) * (adv - mean_adv)
+        sigma = (c - c.mean()).pow(2).mean().sqrt()
+        # Equal rewards in a group give A = 0 there, so c = 0 and the weights are 1 (the weights' docstring).
+        w = torch.exp(-c.pow(2) / (2 * sigma**2)) if sigma > 1e-12 else torch.ones_like(c)
+        groups[uid] = (mean_lp, mean_adv, sigma, len(c) / w.sum(), w * len(c) / w.sum())
+    return groups
+
+
+def paper_call_weights(groups: dict, call: dict) -> torch.Tensor:
+    """``[B, T]`` w~ of one loss call's tokens from their groups' statistics (1 outside the mask)."""
+    old_log_prob, advantages = call["inputs"]["old_log_prob"].double(), call["inputs"]["advantages"].double()
+    weights = torch.ones_like(old_log_prob)
+    for row, uid in enumerate(call["uids"]):
+        mean_lp, mean_adv, sigma, normaliser, _ = groups[uid]
+        c = (old_log_prob[row] - mean_lp) * (advantages[row] - mean_adv)
+        kernel = torch.exp(-c.pow(2) / (2 * sigma**2)) if sigma > 1e-12 else torch.ones_like(c)
+        weights[row] = kernel * normaliser
+    return torch.where(call["inputs"]["response_mask"].bool(), weights, 1.0)
+
+
+def test_the_trainers_cw_update_is_the_papers_on_the_data_its_loss_saw(cw_run):
+    """Each loss call of verl's actor workers, recomputed: the paper's group-scope weights from the whole
+    mini-batch on both ranks, then verl's own PPO loss on ``w~ * A`` with the call's inputs and config."""
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+
+    records = [torch.load(path, weights_only=False) for path in sorted(cw_run.notes["loss_calls"].glob("*.pt"))]
+    assert {r["loss_mode"] for r in records} == {"cw_grpo_group"}
+    by_mini_batch = defaultdict(list)
+    for record in records:
+        by_mini_batch[record["mini_batch_index"]].append(record)
+    # One mini-batch per step on each of the 2 ranks, several micro-batches each (dynamic batch size).
+    assert sorted(by_mini_batch) == [0, 1, 2]
+    moved_by_weights = 0.0
+    for index, calls in by_mini_batch.items():
+        shards = [call["mini_batch"] for call in calls if call["mini_batch"] is not None]
+        assert len(shards) == 2, f"mini-batch {index}: {len(shards)} rank shards"
+        groups = paper_group_weights(shards)
+        assert all(len(group[4]) > 0 for group in groups.values())
+        every_weight = torch.cat([group[4] for group in groups.values()])
+        assert len(calls) > 2, "expected several micro-batches per rank"
+        for call in calls:
+            weights = paper_call_weights(groups, call)
+            inputs = dict(call["inputs"])
+            reweighted = dict(inputs, advantages=(weights * inputs["advantages"].double()).float())
+            expected, _ = compute_policy_loss_vanilla(config=call["config"], **reweighted)
+            plain, _ = compute_policy_loss_vanilla(config=call["config"], **inputs)
+            assert call["loss"].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-8), (index, call["uids"])
+            moved_by_weights = max(moved_by_weights, abs(plain.item() - expected.item()))
+            # Exact over the whole scope (both ranks), so the same in every call.
+            assert call["metrics"]["actor/cw/weight_min"] == pytest.approx(every_weight.min().item(), rel=1e-5)
+            assert call["metrics"]["actor/cw/weight_max"] == pytest.approx(every_weight.max().item(), rel=1e-5)
+    # The check has teeth: the weights move the loss far beyond its tolerance somewhere.
+    assert moved_by_weights > 1e-3
 
 
 def test_parameters_changed(cw_run, tiny_dir):
