@@ -16,7 +16,7 @@ share (a semantic choice, not a knob to tune):
     ``old_log_probs``, wherever the responses sit across ranks and micro-batches of the mini-batch.
 ``cw_grpo_microbatch``
     the tokens of one loss call on all DP ranks, with the current ``log_prob``. It changes with the
-    micro-batch size and packing (see the README's measurements).
+    micro-batch size and packing (see docs/fidelity.md's measurements).
 ``cw_grpo``
     :data:`DEFAULT_SCOPE`.
 

@@ -2,7 +2,7 @@
 
 No code of the paper is public; the equations below follow the issue's reading of the abstract and of
 one secondary note of the full text (issue 12). Every choice the text leaves open is marked
-*Interpretation* where it is made and listed in the README's EP-GRPO section.
+*Interpretation* where it is made and listed in docs/fidelity.md's EP-GRPO section.
 
     A_final(i,t) = W(i,t) * A_i  +  lambda * d_i * bucketnorm(log pi_old - log pi_ref)(i,t)
 

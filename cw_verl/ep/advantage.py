@@ -39,7 +39,7 @@ class EPInputError(ValueError):
 
 @dataclass(frozen=True)
 class EPConfig:
-    """EP-GRPO's knobs (``algorithm.ep_grpo.*`` in verl; defaults and their reasons in the README).
+    """EP-GRPO's knobs (``algorithm.ep_grpo.*`` in verl; defaults and their reasons in docs/fidelity.md).
 
     Attributes:
         gamma: entropy-gate sharpness; 1.0 = logistic of the standardised entropy.
