@@ -74,6 +74,12 @@ def run_check() -> list[str]:
         AUTHORS_LOSS_MODE in core_algos.POLICY_LOSS_REGISTRY,
         f"actor.policy_loss.loss_mode={AUTHORS_LOSS_MODE} registered (the authors' released objective)",
     )
+    from cw_verl.verl_losses import VANILLA_WITH_CW_METRICS
+
+    report(
+        VANILLA_WITH_CW_METRICS in core_algos.POLICY_LOSS_REGISTRY,
+        f"actor.policy_loss.loss_mode={VANILLA_WITH_CW_METRICS} registered (verl's vanilla loss + actor/cw/* metrics)",
+    )
 
     report("ep_grpo" in core_algos.ADV_ESTIMATOR_REGISTRY, "algorithm.adv_estimator=ep_grpo registered (EP-GRPO)")
     ray_trainer = importlib.import_module("verl.trainer.ppo.ray_trainer")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from cw_verl.verl_losses import CW_GRPO, GROUP, LOSS_MODES, POLICY_LOSSES
+from cw_verl.verl_losses import CW_GRPO, GROUP_STATISTICS_LOSS_MODES, POLICY_LOSSES
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def loss_mode_follows_estimator(config: DictConfig, launch: Launch) -> None:
 
 @config_rule
 def group_scope_needs_whole_groups(config: DictConfig, launch: Launch) -> None:
-    """``cw_grpo_group`` needs every prompt's responses in one optimizer mini-batch.
+    """``cw_grpo_group`` (and ``vanilla_cw_metrics``) need every prompt's responses in one optimizer mini-batch.
 
     verl reorders each update's batch over data-parallel ranks (``trainer.balance_batch``) and every rank
     slices its chunk into mini-batches, so a group stays whole only when each update is one mini-batch:
@@ -159,7 +159,7 @@ def group_scope_needs_whole_groups(config: DictConfig, launch: Launch) -> None:
     on-policy setting). The loss also checks every group's size at run time.
     """
     loss_mode = _select(config, LOSS_MODE_KEY)
-    if LOSS_MODES.get(loss_mode) != GROUP or launch.prompts_per_update is None:
+    if loss_mode not in GROUP_STATISTICS_LOSS_MODES or launch.prompts_per_update is None:
         return
     mini = _select(config, "actor_rollout_ref.actor.ppo_mini_batch_size")
     if mini is not None and int(mini) != int(launch.prompts_per_update):

@@ -82,6 +82,7 @@ weight_observers: list = []
 # The paper's Table 1 percentiles, as fractions of the valid tokens.
 TABLE1_PERCENTILES = ((0.0001, "0.01pct"), (0.01, "1pct"), (0.2, "20pct"), (0.4, "40pct"))
 SCOPE_METRICS = ("num_tokens", "excluded_tokens", "sigma", "cov_mean", "weight_min", "weight_max")
+WEIGHT_METRICS = ("weight_min", "weight_max", "weight_mean", "frac_below_half")
 RANK_METRICS = ("weight_mean", "frac_below_half") + tuple(
     f"cov_{side}_top_{name}" for side in ("pos", "neg") for _, name in TABLE1_PERCENTILES
 )
@@ -473,6 +474,61 @@ POLICY_LOSSES = {name: _scoped_policy_loss(name, scope) for name, scope in LOSS_
 """Every CW policy loss cw_verl registers with verl (``loss_mode`` -> function). A module adding a CW loss
 mode puts it here (:func:`cw_policy_loss`) before verl imports ``core_algos``; the config rules and the
 worker's guard treat every name here as a CW loss."""
+
+
+VANILLA_WITH_CW_METRICS = "vanilla_cw_metrics"
+"""A GRPO/PPO baseline's loss mode: verl's own ``vanilla`` loss, unchanged, plus the ``actor/cw/*`` metrics."""
+
+GROUP_STATISTICS_LOSS_MODES = frozenset(
+    {name for name, scope in LOSS_MODES.items() if scope == GROUP} | {VANILLA_WITH_CW_METRICS}
+)
+"""Loss modes that compute per-prompt-group statistics (each prompt's responses in one mini-batch)."""
+
+
+def compute_policy_loss_vanilla_cw_metrics(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl policy loss ``vanilla_cw_metrics``: verl's ``vanilla`` loss, and the covariance CW-GRPO would see.
+
+    For a GRPO baseline beside CW-GRPO (paper Table 1 compares the covariance distribution with and without
+    the reweighting): the loss and its gradient are exactly verl's ``compute_policy_loss_vanilla`` on the same
+    arguments; the added metrics are the ``actor/cw/*`` covariance values of the mini-batch in the group scope
+    (:data:`WEIGHT_METRICS` left out), as ``cw_grpo_group`` computes them. Costs the group scope's three
+    small collectives once per mini-batch, and stops on the input it cannot use (non-finite advantages or
+    log-probs in the mask, split prompt groups) as ``cw_grpo_group`` does.
+
+    Args:
+        old_log_prob: ``[B, T]`` log-probs under the policy that sampled the batch.
+        log_prob: ``[B, T]`` log-probs under the policy being trained.
+        advantages: ``[B, T]`` advantages.
+        response_mask: ``[B, T]`` valid-token mask.
+        loss_agg_mode: verl's aggregation mode.
+        config: the actor's ``ActorConfig``.
+        rollout_is_weights: ``[B, T]`` importance weights, or ``None``.
+
+    Returns:
+        ``(loss, metrics)``: verl's vanilla loss and metrics, with the ``actor/cw/*`` metrics added.
+    """
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+
+    loss, metrics = compute_policy_loss_vanilla(
+        old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
+    )
+    if config is None:
+        raise ValueError(f"{VANILLA_WITH_CW_METRICS} needs the actor config (rollout_n, global_batch_info)")
+    batch_info = getattr(config, "global_batch_info", None) or {}
+    group = resolve_data_parallel_group(batch_info.get("dp_size"))
+    with torch.no_grad():
+        scoped = mini_batch_statistics(GROUP, group, config, log_prob.device)
+    # No weight metrics: this loss applies none, and a plot of them would suggest it did.
+    covariance = {key: value for key, value in scoped.metrics.items() if key.rpartition("/")[2] not in WEIGHT_METRICS}
+    return loss, {**metrics, **covariance}
 
 
 def cw_policy_loss(name: str):

@@ -20,10 +20,18 @@ def _register_with_core_algos(core_algos) -> None:
     from cw_verl import config_rules  # noqa: F401
     from cw_verl.patches import advantage_source
     from cw_verl.verl_ep import EP_GRPO, compute_ep_grpo_advantage
-    from cw_verl.verl_losses import CW_GRPO, POLICY_LOSSES, compute_cw_grpo_outcome_advantage
+    from cw_verl.verl_losses import (
+        CW_GRPO,
+        POLICY_LOSSES,
+        VANILLA_WITH_CW_METRICS,
+        compute_cw_grpo_outcome_advantage,
+        compute_policy_loss_vanilla_cw_metrics,
+    )
 
     for name, policy_loss in POLICY_LOSSES.items():
         core_algos.register_policy_loss(name)(policy_loss)
+    # Not a CW loss (it trains plain PPO/GRPO), so not in POLICY_LOSSES: the config rules refuse it with cw_grpo.
+    core_algos.register_policy_loss(VANILLA_WITH_CW_METRICS)(compute_policy_loss_vanilla_cw_metrics)
     core_algos.register_adv_est(CW_GRPO)(compute_cw_grpo_outcome_advantage)
     core_algos.register_adv_est(EP_GRPO)(compute_ep_grpo_advantage)
     advantage_source.patch_policy_loss_lookup(core_algos)

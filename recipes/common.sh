@@ -5,6 +5,7 @@
 # the paper's trl settings to verl's is explained in recipes/README.md.
 #
 #   ARM=grpo|clip_cov|cw_grpo  selects the Table 2 row; nothing else differs between arms.
+#   GRPO_LOSS_MODE=vanilla_cw_metrics  the grpo arm also logs the covariance percentiles (Table 1), same loss.
 #   ARM=cw_grpo_authors        the authors' released objective and reward rules (recipes/README.md).
 #   ARM=ep_grpo                not a Table 2 row: EP-GRPO (README "EP-GRPO"), GRPO's loss on its token advantages.
 #   MEMORY_PROFILE=80gb|141gb  parallelism and vLLM share for the GPUs' memory (set by the wrapper).
@@ -50,7 +51,8 @@ ARM=${ARM:-cw_grpo}
 DRY_RUN=${DRY_RUN:-0}
 
 case "$ARM" in
-    grpo) ADV_ESTIMATOR=grpo LOSS_MODE=vanilla ;;
+    # GRPO_LOSS_MODE=vanilla_cw_metrics: the same loss, bitwise, also logging the actor/cw/* covariance metrics.
+    grpo) ADV_ESTIMATOR=grpo LOSS_MODE=${GRPO_LOSS_MODE:-vanilla} ;;
     clip_cov) ADV_ESTIMATOR=grpo LOSS_MODE=clip_cov ;;
     # The paper's statistics scope: each prompt's G responses (Sec. 2.3; trl's loss call saw exactly one
     # group). Whole groups are guaranteed here by the one mini-batch per step. CW_LOSS_MODE=cw_grpo takes

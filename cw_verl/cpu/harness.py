@@ -51,6 +51,9 @@ class ActorSetup:
     clip_ratio: float = 0.2
     loss_agg_mode: str = "token-mean"
     entropy_coeff: float = 0.0
+    # verl's KL loss to the reference policy (the batch must carry ``ref_log_prob``); 0: none.
+    kl_loss_coef: float = 0.0
+    kl_loss_type: str = "low_var_kl"
     ppo_epochs: int = 1
     total_training_steps: int = 1000
     # None: fp32 for FSDP on CPU (bf16 autocast there is slow and would make the engine's log-probs differ
@@ -168,6 +171,9 @@ def _common_actor_keys(setup: ActorSetup) -> dict[str, Any]:
         clip_ratio_high=setup.clip_ratio,
         loss_agg_mode=setup.loss_agg_mode,
         entropy_coeff=setup.entropy_coeff,
+        use_kl_loss=setup.kl_loss_coef > 0,
+        kl_loss_coef=setup.kl_loss_coef,
+        kl_loss_type=setup.kl_loss_type,
         ppo_epochs=setup.ppo_epochs,
         data_loader_seed=setup.data_loader_seed,
         use_torch_compile=False,

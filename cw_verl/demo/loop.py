@@ -42,6 +42,8 @@ class Arm:
 ARMS = {
     "grpo": Arm("grpo", adv_estimator="grpo", loss_mode="vanilla"),
     "cw_grpo": Arm("cw_grpo", adv_estimator="cw_grpo", loss_mode="cw_grpo"),
+    # The paper's scope (each prompt's G responses), as the recipes and the trainer demo run it.
+    "cw_grpo_group": Arm("cw_grpo_group", adv_estimator="cw_grpo", loss_mode="cw_grpo_group"),
     "clip_cov": Arm("clip_cov", adv_estimator="grpo", loss_mode="clip_cov"),
     # The objective of the authors' released code (cw_verl.authors_objective): weights with gradient, per group.
     "cw_grpo_authors": Arm("cw_grpo_authors", adv_estimator="cw_grpo", loss_mode="cw_grpo_authors"),
@@ -68,6 +70,8 @@ class RunConfig:
     # verl's actor.loss_agg_mode; the paper's objective (and the authors' code) is seq-mean-token-mean.
     loss_agg_mode: str = "token-mean"
     temperature: float = 1.0
+    # verl's KL loss to the starting policy (low_var_kl), as the recipes' KL_COEF; 0: none.
+    kl_coef: float = 0.0
     seed: int = 0
     val_problems: int = 256
     task: ReversalTask = field(default_factory=ReversalTask)
@@ -146,9 +150,11 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
         total_training_steps=cfg.steps,
         temperature=cfg.temperature,
         data_loader_seed=cfg.seed,
+        kl_loss_coef=cfg.kl_coef,
     )
     actor = harness.build_actor(setup)
-    reference = harness.build_actor(setup) if arm.reference else None  # never trained: the reference policy
+    # Never trained: the reference policy (EP-GRPO's progress signal, the KL loss).
+    reference = harness.build_actor(setup) if arm.reference or cfg.kl_coef > 0 else None
     rollout = Rollout(cfg.model_path, cfg.task, cfg.temperature)
     algo = AlgoConfig(adv_estimator=arm.adv_estimator, norm_adv_by_std_in_grpo=True)
     init_seconds = time.perf_counter() - init_start
@@ -238,6 +244,8 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
                             "response_mask",
                             "old_log_probs",
                             "advantages",
+                            # verl's KL loss reads the reference's log-probs from the batch.
+                            *(["ref_log_prob"] if cfg.kl_coef > 0 else []),
                         ],
                         # As verl's trainers do: the prompts' uid reaches the actor (cw_grpo_group uses it).
                         non_tensor_batch_keys=["uid"],

@@ -24,9 +24,9 @@ from cw_verl.demo.runlog import (
     REWARD,
     TABLE1_LEVELS,
     TABLE1_PERCENT,
-    VAL_ACC,
     RunLog,
     RunLogError,
+    held_out_key,
     read_jsonl,
 )
 
@@ -70,13 +70,14 @@ def _curve_panel(ax, runs, key, title, ylabel, window, colors) -> bool:
 
 def _reward_panel(ax, runs, window, colors) -> None:
     _curve_panel(ax, runs, REWARD, f"Reward ({REWARD}, moving avg {window})", "mean reward", window, colors)
+    held_out = {run.name: run.series(held_out_key(run), min_step=0) for run in runs}
     for run in runs:
-        steps, values = run.series(VAL_ACC, min_step=0)
+        steps, values = held_out[run.name]
         if steps:
             ax.plot(
                 steps, values, linestyle="none", marker="D", markersize=7, color=colors[run.name], markeredgecolor="k"
             )
-    if any(run.series(VAL_ACC, min_step=0)[0] for run in runs):
+    if any(steps for steps, _ in held_out.values()):
         ax.plot([], [], linestyle="none", marker="D", color="0.6", markeredgecolor="k", label="held-out accuracy")
         ax.legend(loc="best", fontsize=9)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ REWARD = "critic/score/mean"
 ENTROPY = "actor/entropy"
 STEP_SECONDS = "timing_s/step"
 VAL_ACC = "val-core/digit_reversal/acc/mean@1"
+# With N validation samples per prompt (val_kwargs.n) verl logs mean@N: the accuracy over all samples.
+VAL_ACC_ANY_N = re.compile(r"^val-core/digit_reversal/acc/mean@\d+$")
 CW_FRAC_BELOW_HALF = "actor/cw/frac_below_half"
 # cw_verl.demo.probes.kernel_tails (the harness logs them for every arm)
 KERNEL_POS_BELOW_HALF = "probe/kernel/pos_below_half"
@@ -50,6 +53,14 @@ class RunLog:
         """Steps >= ``min_step`` that logged ``key``, and its values there."""
         steps = [s for s in self.steps if s >= min_step and key in self.rows[s]]
         return steps, [self.rows[s][key] for s in steps]
+
+
+def held_out_key(run: RunLog) -> str:
+    """The run's held-out accuracy key: ``mean@N`` for its N validation samples per prompt (default ``mean@1``)."""
+    keys = sorted(key for key in run.keys() if VAL_ACC_ANY_N.match(key))
+    if len(keys) > 1:
+        raise RunLogError(f"{run.path}: several held-out accuracy keys {keys}")
+    return keys[0] if keys else VAL_ACC
 
 
 def read_jsonl(path: str | Path, name: str | None = None) -> RunLog:
@@ -105,7 +116,7 @@ def summarize(run: RunLog, window: int = 10) -> dict[str, float]:
     _, entropy = run.series(ENTROPY)
     _, seconds = run.series(STEP_SECONDS)
     _, below_half = run.series(CW_FRAC_BELOW_HALF)
-    val_steps, val = run.series(VAL_ACC, min_step=0)
+    val_steps, val = run.series(held_out_key(run), min_step=0)
     entropy_finite = _finite(entropy)
     return {
         "steps": float(len(run.series(REWARD)[0])),
@@ -137,6 +148,9 @@ def format_table(summaries: dict[str, dict[str, float]], window: int = 10) -> st
         ("CW w<0.5", "frac_below_half", "{:.2%}"),
         ("s/step", "seconds_per_step", "{:.2f}"),
     ]
+    # Held-out pass@k, when the caller added it to the summaries (cw_verl.demo.passk).
+    pass_keys = sorted({key for summary in summaries.values() for key in summary if key.startswith("pass@")})
+    columns[5:5] = [(key.replace("_", " "), key, "{:.3f}") for key in pass_keys]
 
     def cell(fmt: str, value) -> str:
         if isinstance(value, float) and math.isnan(value):
@@ -145,7 +159,7 @@ def format_table(summaries: dict[str, dict[str, float]], window: int = 10) -> st
 
     rows = [[title for title, _, _ in columns]]
     for arm, summary in summaries.items():
-        rows.append([arm if key is None else cell(fmt, summary[key]) for _, key, fmt in columns])
+        rows.append([arm if key is None else cell(fmt, summary.get(key, math.nan)) for _, key, fmt in columns])
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(text.rjust(width) for text, width in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))

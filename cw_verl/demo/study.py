@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mini-batches", type=int, default=RunConfig.mini_batches_per_step, help="optimizer steps per RL step"
     )
+    p.add_argument("--kl-coef", type=float, default=0.0, help="verl's KL loss to the starting policy (low_var_kl)")
+    p.add_argument("--temperature", type=float, default=RunConfig.temperature, help="rollout and validation")
     p.add_argument("--smoke", action="store_true", help="one seed, 3 steps: checks the wiring")
     p.add_argument(
         "--first-update",
@@ -152,6 +154,8 @@ def run_study(args, lr: float, out_dir: Path) -> int:
         "progress": False,
         "lr": lr,
         "mini_batches_per_step": args.mini_batches,
+        "kl_coef": args.kl_coef,
+        "temperature": args.temperature,
     }
     if args.smoke:
         seeds, steps = seeds[:1], min(steps, 3)
@@ -205,6 +209,8 @@ def run_study(args, lr: float, out_dir: Path) -> int:
         "loss_agg_mode": args.loss_agg_mode,
         "lr": lr,
         "mini_batches_per_step": args.mini_batches,
+        "kl_coef": args.kl_coef,
+        "temperature": args.temperature,
         "world_size": args.world_size,
         "total_seconds": time.perf_counter() - started,
         "per_seed": runs,

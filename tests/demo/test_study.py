@@ -32,9 +32,15 @@ def test_table_has_a_row_per_arm_and_marks_missing_metrics():
 
 @pytest.mark.e2e
 def test_smoke_study_on_two_arms(tmp_path):
-    assert study.main(["--smoke", "--arms", "grpo,cw_grpo_authors", "--out-dir", str(tmp_path)]) == 0
+    argv = ["--smoke", "--arms", "grpo,cw_grpo_authors", "--kl-coef", "0.04", "--out-dir", str(tmp_path)]
+    assert study.main(argv) == 0
     report = json.loads((tmp_path / "study.json").read_text())
     assert report["seeds"] == [0] and report["loss_agg_mode"] == "seq-mean-token-mean"
+    assert report["kl_coef"] == 0.04
+    for arm in ("grpo", "cw_grpo_authors"):
+        # verl's KL loss to the frozen starting policy (low_var_kl: never negative), moving away from it.
+        steps, kl = read_jsonl(tmp_path / "seed0" / f"{arm}.jsonl").series("actor/kl_loss")
+        assert steps == [1, 2, 3] and min(kl) >= 0 and kl[-1] > kl[0], (arm, kl)
     authors = report["per_seed"]["cw_grpo_authors"][0]
     assert math.isfinite(authors["weights_grad_rel_norm"]) and authors["weights_grad_rel_norm"] > 0
     assert math.isfinite(authors["frac_below_half"])

@@ -358,3 +358,50 @@ def test_ep_grpo_trains_in_verls_trainer(root, tiny_dir):
     after = load_file(run.run_dir / "checkpoints" / "global_step_2" / "actor" / "huggingface" / "model.safetensors")
     assert [name for name in before if before[name].equal(after[name].to(before[name].dtype))] == []
     assert tiny_runs.marked_processes(run.marker) == {}
+
+
+def test_the_demos_grpo_arm_logs_covariance_and_held_out_pass_at_k(root, tiny_dir):
+    """ARM=grpo as ``make demo`` runs it: loss_mode vanilla_cw_metrics logs the Table-1 covariance percentiles
+    (not weights: it applies none); validation with several samples per prompt at the rollout temperature is
+    dumped, and the demo's pass@k read from the dump agrees with verl's own mean@n."""
+    from types import SimpleNamespace
+
+    from cw_verl.demo import trainer_demo
+    from cw_verl.demo.passk import dump_pass_at_k
+
+    samples = 4
+    args = SimpleNamespace(val_prompts=16, val_samples=samples, temperature=1.0)
+    out_dir = root / "demo_validation"
+    run = tiny_runs.launch(
+        root,
+        tiny_dir,
+        "grpo_demo",
+        "trainer.val_before_train=True",
+        "trainer.test_freq=2",
+        *trainer_demo.validation_overrides(args, out_dir, "grpo"),
+        ARM="grpo",
+        GRPO_LOSS_MODE="vanilla_cw_metrics",
+        TOTAL_STEPS="2",
+        **SCHEDULE,
+    )
+    assert run.returncode == 0, run.output[-5000:]
+    assert "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla_cw_metrics" in run.report()["command"]
+    steps = run.steps()
+    for step in (1, 2):
+        cw = {key for key in steps[step] if key.startswith("actor/cw/")}
+        assert {"actor/cw/cov_pos_top_0.01pct", "actor/cw/cov_neg_top_40pct", "actor/cw/sigma"} <= cw, sorted(cw)
+        assert not [key for key in cw if "weight" in key or "below_half" in key]
+        assert steps[step]["actor/cw/cov_pos_top_0.01pct"] > 0 > steps[step]["actor/cw/cov_neg_top_0.01pct"]
+    dumps = trainer_demo.validation_dir(out_dir, "grpo")
+    assert sorted(p.name for p in dumps.glob("*.jsonl")) == ["0.jsonl", "2.jsonl"]
+    for step in (0, 2):
+        lines = (dumps / f"{step}.jsonl").read_text().splitlines()
+        assert len(lines) == 16 * samples
+        verl_mean = steps[step][f"val-core/digit_reversal/acc/mean@{samples}"]
+        passes = dump_pass_at_k(dumps / f"{step}.jsonl", (1, 2, samples))
+        # pass@1 is the mean accuracy over samples (every prompt has the same number of samples).
+        assert passes[1] == pytest.approx(verl_mean, abs=1e-9)
+        assert passes[1] <= passes[2] <= passes[samples]
+    summary = trainer_demo.pass_at_k_summary(dumps, (1, samples))
+    assert set(summary) == {"pass@1_start", "pass@1_end", f"pass@{samples}_start", f"pass@{samples}_end"}
+    assert summary["pass@1_start"] == pytest.approx(steps[0][f"val-core/digit_reversal/acc/mean@{samples}"])
