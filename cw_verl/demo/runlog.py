@@ -148,9 +148,11 @@ def format_table(summaries: dict[str, dict[str, float]], window: int = 10) -> st
         ("CW w<0.5", "frac_below_half", "{:.2%}"),
         ("s/step", "seconds_per_step", "{:.2f}"),
     ]
-    # Held-out pass@k, when the caller added it to the summaries (cw_verl.demo.passk).
-    pass_keys = sorted({key for summary in summaries.values() for key in summary if key.startswith("pass@")})
-    columns[5:5] = [(key.replace("_", " "), key, "{:.3f}") for key in pass_keys]
+    # Held-out pass@k after the held-out accuracy, when the caller added it to the summaries (cw_verl.demo.passk).
+    ks = sorted(
+        {int(key[5:].split("_")[0]) for summary in summaries.values() for key in summary if key.startswith("pass@")}
+    )
+    columns[6:6] = [(f"pass@{k} {edge}", f"pass@{k}_{edge}", "{:.3f}") for k in ks for edge in ("start", "end")]
 
     def cell(fmt: str, value) -> str:
         if isinstance(value, float) and math.isnan(value):
