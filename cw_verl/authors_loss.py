@@ -24,8 +24,7 @@ import torch
 
 from cw_verl.authors_objective import Groups, authors_weights, sequence_advantages
 from cw_verl.distributed import current_loss_call, group_gather, resolve_data_parallel_group
-from cw_verl.surrogate import aggregate, clipped_surrogate
-from cw_verl.verl_losses import _aggregation, _clip_config, cw_policy_loss
+from cw_verl.verl_losses import cw_policy_loss, verl_ppo_loss
 
 AUTHORS_LOSS_MODE = "cw_grpo_authors"
 
@@ -160,13 +159,10 @@ def compute_policy_loss_cw_grpo_authors(
         metrics.update({"actor/pg_clipfrac": 0.0, "actor/ppo_kl": 0.0, "actor/pg_clipfrac_lower": 0.0})
         # A zero that still reaches every parameter, so that all ranks run the same backward.
         return torch.where(valid, log_prob, 0.0).sum() * 0.0, metrics
-    mask = valid.to(result.weights.dtype)
     # The weights keep their gradient (the released objective); positions outside the mask weigh 0.
     weighted = torch.where(valid, result.weights * advantages.to(result.weights.dtype), 0.0)
-    token_losses, pg_stats = clipped_surrogate(
-        log_prob, old_log_prob, weighted, mask, _clip_config(config), rollout_is_weights
+    loss, pg_metrics = verl_ppo_loss(
+        old_log_prob, log_prob, weighted, response_mask, loss_agg_mode, config, rollout_is_weights
     )
-    loss = aggregate(token_losses, mask, _aggregation(loss_agg_mode, batch_info))
-    clipfrac, ppo_kl, clipfrac_lower = pg_stats.tolist()
-    metrics.update({"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl, "actor/pg_clipfrac_lower": clipfrac_lower})
+    metrics.update(pg_metrics)
     return loss, metrics

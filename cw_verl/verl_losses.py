@@ -51,7 +51,6 @@ from cw_verl.distributed import (
     group_gather,
     resolve_data_parallel_group,
 )
-from cw_verl.surrogate import Aggregation, ClipConfig, aggregate, clipped_surrogate
 from cw_verl.weights import (
     CovarianceInputError,
     ScopeStatistics,
@@ -286,19 +285,6 @@ def mini_batch_statistics(scope: str, group, config, device, call_shape=None) ->
     return result
 
 
-def _clip_config(config) -> ClipConfig:
-    # As verl's compute_policy_loss_vanilla reads them.
-    low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
-    high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
-    return ClipConfig(low=low, high=high, dual=config.get("clip_ratio_c", 3.0))
-
-
-def _aggregation(loss_agg_mode, batch_info) -> Aggregation:
-    fields = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
-    known = {key: batch_info[key] for key in fields if batch_info.get(key) is not None}
-    return Aggregation(loss_agg_mode, **known)
-
-
 def _call_problem(scope_log_prob, old_log_prob, log_prob, advantages, response_mask) -> str | None:
     problem = check_inputs(scope_log_prob, advantages, response_mask)
     if problem is None and old_log_prob.shape != log_prob.shape:
@@ -337,8 +323,7 @@ def cw_grpo_policy_loss(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """CW-GRPO policy loss in ``scope``: PPO's clipped loss with advantages ``w~ * A`` (paper Sec. 2.3).
 
-    The clipped loss and its aggregation are verl's (``compute_policy_loss_vanilla`` + ``agg_loss``),
-    computed on the valid tokens only (:mod:`cw_verl.surrogate`).
+    The clipped loss and its aggregation are verl's own (:func:`verl_ppo_loss`).
 
     Args:
         scope: :data:`MICROBATCH`, :data:`MINIBATCH` or :data:`GROUP`.
@@ -399,8 +384,7 @@ def cw_grpo_policy_loss(
         if problem is not None:
             _raise_together(checks.tolist(), problem, UNCOVERED, group)
 
-    dtype = torch.promote_types(log_prob.dtype, torch.float32)
-    mask = float_mask(response_mask, dtype)
+    mask = float_mask(response_mask, torch.promote_types(log_prob.dtype, torch.float32))
     if scope == MICROBATCH:
         weights = tokens.weights
         # The tokens left out of the statistics (non-finite log-prob) weigh 0; keep their PPO term finite.
@@ -417,25 +401,59 @@ def cw_grpo_policy_loss(
             observer(call.micro_batch if call else None, response_mask, weights.detach())
     # Outside the mask values may be garbage: sanitised, and weighed 0.
     weighted = weights * torch.nan_to_num(advantages.detach(), nan=0.0, posinf=0.0, neginf=0.0).to(weights.dtype)
-    token_losses, pg_stats = clipped_surrogate(
-        log_prob,
-        torch.nan_to_num(old_log_prob, nan=0.0, posinf=0.0, neginf=0.0),
-        weighted.to(advantages.dtype),
-        mask,
-        _clip_config(config),
-        rollout_is_weights,
+    old_log_prob = torch.nan_to_num(old_log_prob, nan=0.0, posinf=0.0, neginf=0.0)
+    loss, pg_metrics = verl_ppo_loss(
+        old_log_prob, log_prob, weighted.to(advantages.dtype), response_mask, loss_agg_mode, config, rollout_is_weights
     )
-    loss = aggregate(token_losses, mask, _aggregation(loss_agg_mode, batch_info))
-    # One read to the host per call (verl's own losses read their metrics too), carrying the checks.
-    host = torch.cat([pg_stats.to(device), checks.to(device, torch.float64)]).tolist()
-    pg, rest = host[:3], host[3:]
+    rest = checks.to(device, torch.float64).tolist()
     if scope == MICROBATCH:
         raise_for_bad_input(np.asarray(rest[metric_count:]).reshape(-1, 3), None, tokens=(advantages, response_mask))
         metrics = _metrics_dict(rest[:metric_count])
     else:
         _raise_together(rest, None, UNCOVERED, group)
-    metrics.update({"actor/pg_clipfrac": pg[0], "actor/ppo_kl": pg[1], "actor/pg_clipfrac_lower": pg[2]})
+    metrics.update(pg_metrics)
     return loss, metrics
+
+
+def verl_ppo_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    weighted_advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str,
+    config,
+    rollout_is_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's own PPO loss (``compute_policy_loss_vanilla``) on the reweighted advantages: paper Sec. 2.3's l~.
+
+    As verl's Clip-Cov reuses verl's helpers: its clip ratios, dual clip, rollout-IS weights and every
+    ``loss_agg_mode`` with ``config.global_batch_info`` reach the CW losses unchanged, and a gradient flows
+    through ``weighted_advantages`` where it has one (``cw_grpo_authors``).
+
+    Args:
+        old_log_prob: ``[B, T]`` log-probs under the sampling policy (finite).
+        log_prob: ``[B, T]`` log-probs under the policy being trained.
+        weighted_advantages: ``[B, T]`` ``w~ * A``, 0 outside the mask.
+        response_mask: ``[B, T]`` valid-token mask.
+        loss_agg_mode: verl's aggregation mode.
+        config: the actor's ``ActorConfig``.
+        rollout_is_weights: ``[B, T]`` importance weights, or ``None``.
+
+    Returns:
+        ``(loss, metrics)``: verl's scalar loss and its ``actor/pg_clipfrac``, ``actor/ppo_kl`` and
+        ``actor/pg_clipfrac_lower``.
+    """
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+
+    return compute_policy_loss_vanilla(
+        old_log_prob=old_log_prob,
+        log_prob=log_prob,
+        advantages=weighted_advantages,
+        response_mask=response_mask,
+        loss_agg_mode=loss_agg_mode,
+        config=config,
+        rollout_is_weights=rollout_is_weights,
+    )
 
 
 def _scoped_policy_loss(loss_mode: str, scope: str):
