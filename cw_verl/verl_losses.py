@@ -441,11 +441,13 @@ def verl_ppo_loss(
 
     Returns:
         ``(loss, metrics)``: verl's scalar loss and its ``actor/pg_clipfrac``, ``actor/ppo_kl`` and
-        ``actor/pg_clipfrac_lower``.
+        ``actor/pg_clipfrac_lower``. A call without valid tokens contributes a zero loss that still reaches
+        every parameter (all ranks run the same backward), where verl would divide 0 by 0 when
+        ``global_batch_info`` does not give the denominators.
     """
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
 
-    return compute_policy_loss_vanilla(
+    loss, metrics = compute_policy_loss_vanilla(
         old_log_prob=old_log_prob,
         log_prob=log_prob,
         advantages=weighted_advantages,
@@ -454,6 +456,9 @@ def verl_ppo_loss(
         config=config,
         rollout_is_weights=rollout_is_weights,
     )
+    if not bool(response_mask.any()):
+        loss = torch.where(response_mask.bool(), log_prob, 0.0).sum() * 0.0
+    return loss, metrics
 
 
 def _scoped_policy_loss(loss_mode: str, scope: str):
