@@ -127,6 +127,9 @@ def summarize(run: RunLog, window: int = 10) -> dict[str, float]:
         "entropy_min": min(entropy_finite) if entropy_finite else math.nan,
         "entropy_max": max(entropy_finite) if entropy_finite else math.nan,
         "entropy_end": _edge_mean(entropy, window, last=True),
+        # Table 1's extreme tails (top 0.01% of each sign), mean over steps.
+        "cov_pos_top": _mean(run.series(f"actor/cw/cov_pos_top_{TABLE1_LEVELS[0]}")[1]),
+        "cov_neg_top": _mean(run.series(f"actor/cw/cov_neg_top_{TABLE1_LEVELS[0]}")[1]),
         "frac_below_half": _mean(below_half),
         "pos_below_half": _mean(run.series(KERNEL_POS_BELOW_HALF)[1]),
         "neg_below_half": _mean(run.series(KERNEL_NEG_BELOW_HALF)[1]),
@@ -145,6 +148,8 @@ def format_table(summaries: dict[str, dict[str, float]], window: int = 10) -> st
         ("entropy min", "entropy_min", "{:.3f}"),
         ("entropy max", "entropy_max", "{:.3f}"),
         (f"entropy last{window}", "entropy_end", "{:.3f}"),
+        ("cov +0.01%", "cov_pos_top", "{:.2f}"),
+        ("cov -0.01%", "cov_neg_top", "{:.2f}"),
         ("CW w<0.5", "frac_below_half", "{:.2%}"),
         ("s/step", "seconds_per_step", "{:.2f}"),
     ]

@@ -85,8 +85,12 @@ def test_summary_matches_the_recorded_metrics():
         if path == CW:
             below = [raw[s]["actor/cw/frac_below_half"] for s in steps]
             assert summary["frac_below_half"] == pytest.approx(sum(below) / len(below))
+            for side in ("pos", "neg"):
+                tail = [raw[s][f"actor/cw/cov_{side}_top_0.01pct"] for s in steps]
+                assert summary[f"cov_{side}_top"] == pytest.approx(sum(tail) / len(tail))
+            assert summary["cov_pos_top"] > 0 > summary["cov_neg_top"]
         else:
-            assert math.isnan(summary["frac_below_half"])
+            assert math.isnan(summary["frac_below_half"]) and math.isnan(summary["cov_pos_top"])
 
 
 def test_table_lists_every_arm_and_marks_missing_values():
