@@ -34,7 +34,7 @@ def dump_pass_at_k(path: str | Path, ks: tuple[int, ...]) -> dict[int, float]:
     for line in Path(path).read_text().splitlines():
         if line.strip():
             sample = json.loads(line)
-            outcomes[sample["input"]].append(float(sample.get("acc", sample["score"])) > 0)
+            outcomes[sample["input"]].append(float(sample["acc"] if "acc" in sample else sample["score"]) > 0)
     if not outcomes:
         raise ValueError(f"{path}: no validation samples")
     fewest = min(len(values) for values in outcomes.values())

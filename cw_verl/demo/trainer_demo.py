@@ -4,7 +4,10 @@ For each arm, runs ``recipes/run_cwgrpo_tiny_cpu.sh`` -- ``python -m verl.traine
 vLLM's CPU build for the rollouts and the FSDP2 actor on 2 gloo ranks, the same ``recipes/common.sh``
 as the paper's runs -- from the same warm-started tiny model, seed, prompts and budget; then draws the
 figure (:mod:`cw_verl.demo.plot`) and prints the summary table from the runs' metrics JSONL, plus
-verl's per-phase step times and each run's peak memory (from :mod:`cw_verl.cpu.supervise`).
+verl's per-phase step times and each run's peak memory (from :mod:`cw_verl.cpu.supervise`). The GRPO arm
+trains with ``loss_mode=vanilla_cw_metrics`` (verl's vanilla loss, plus the covariance percentiles, so Table 1
+is drawn for both arms); validation samples several answers per held-out prompt at the rollout temperature
+and verl dumps them, from which :mod:`cw_verl.demo.passk` computes pass@k.
 
 The harness demo (``python -m cw_verl demo``) trains the same task with HF sampling in place of vLLM
 and no Ray, about ten times faster per step: the path for multi-seed studies.
@@ -50,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
     p.add_argument("--ranks", type=int, default=2, help="actor ranks = vLLM servers (GPUS_PER_NODE)")
-    # 64 x 8: 512 samples per validation, about 17 s here (verl's agent loop costs ~33 ms per sample on 2 cores).
+    # 64 x 8: 512 samples per validation, 12-14 s on a 2-core box (verl's agent loop costs 25-35 ms per sample there).
     p.add_argument("--val-prompts", type=int, default=64, help="held-out prompts (data.val_max_samples)")
     p.add_argument(
         "--val-samples", type=int, default=8, help="samples per held-out prompt at the rollout temperature: pass@1..k"
@@ -173,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     arms = [name.strip() for name in args.arms.split(",") if name.strip()]
     if not arms or len(set(arms)) != len(arms) or any(arm not in ARMS for arm in arms):
         raise SystemExit(f"--arms must name distinct arms among {', '.join(ARMS)}, got {args.arms!r}")
+    if args.val_prompts < 1 or args.val_samples < 1:
+        raise SystemExit(
+            f"--val-prompts and --val-samples must be at least 1, got {args.val_prompts}, {args.val_samples}"
+        )
     if args.smoke:
         args.steps = min(args.steps, 3)
     out_dir = Path(args.out_dir).resolve()
