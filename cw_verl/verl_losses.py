@@ -540,11 +540,11 @@ def compute_policy_loss_vanilla_cw_metrics(
     """
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
 
+    if config is None:
+        raise ValueError(f"{VANILLA_WITH_CW_METRICS} needs the actor config (rollout_n, global_batch_info)")
     loss, metrics = compute_policy_loss_vanilla(
         old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
     )
-    if config is None:
-        raise ValueError(f"{VANILLA_WITH_CW_METRICS} needs the actor config (rollout_n, global_batch_info)")
     batch_info = getattr(config, "global_batch_info", None) or {}
     group = resolve_data_parallel_group(batch_info.get("dp_size"))
     with torch.no_grad():

@@ -94,3 +94,11 @@ def test_config_rules_treat_it_as_a_group_scope_loss_that_is_not_cw():
     # With the CW estimator it would silently train plain GRPO: refused.
     with pytest.raises(ConfigConflictError, match="selects CW-GRPO"):
         apply_config_rules(_config("cw_grpo", "vanilla_cw_metrics", 16), launch)
+
+
+def test_without_the_actor_config_it_says_what_it_needs():
+    from cw_verl.verl_losses import compute_policy_loss_vanilla_cw_metrics
+
+    values = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="needs the actor config"):
+        compute_policy_loss_vanilla_cw_metrics(values, values, values, torch.ones(2, 3, dtype=torch.bool))

@@ -135,10 +135,10 @@ def pass_at_k_summary(dump_dir: Path, ks: tuple[int, ...]) -> dict[str, float]:
     from cw_verl.demo.passk import run_pass_at_k
 
     by_step = run_pass_at_k(dump_dir, ks)
+    last = max((step for step in by_step if step > 0), default=None)
     out = {}
     for k in ks:
         out[f"pass@{k}_start"] = by_step[0][k] if 0 in by_step else math.nan
-        last = max((step for step in by_step if step > 0), default=None)
         out[f"pass@{k}_end"] = by_step[last][k] if last is not None else math.nan
     return out
 
