@@ -88,8 +88,8 @@ def loss_call(loss_mode: str, inputs: dict, config, backward: bool):
     """A closure that runs one loss call the way verl's engine does (inside its train_batch context)."""
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-    from cw_verl.distributed import loss_call as loss_call_context
-    from cw_verl.distributed import train_batch_call
+    from cw_verl.context import loss_call as loss_call_context
+    from cw_verl.context import train_batch_call
 
     name, _, phase = loss_mode.partition("@")
     fn = get_policy_loss_fn(name)
@@ -127,7 +127,7 @@ def count_collectives(num_sequences: int, length: int, micro_batches: int) -> li
     losses over ``micro_batches`` micro-batches as one rank of a (pretend) two-rank group."""
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-    from cw_verl import distributed, verl_losses
+    from cw_verl import context, verl_losses
 
     inputs = make_inputs(num_sequences, length, torch.float32, seed=1)
     config = actor_config()
@@ -150,10 +150,10 @@ def count_collectives(num_sequences: int, length: int, micro_batches: int) -> li
         try:
             td = mini_batch(inputs)
             size = num_sequences // micro_batches
-            with distributed.train_batch_call(td):
+            with context.train_batch_call(td):
                 for start in range(0, num_sequences, size):
                     part = {k: v[start : start + size] for k, v in inputs.items()}
-                    with distributed.loss_call(None, mini_batch(part)):
+                    with context.loss_call(None, mini_batch(part)):
                         get_policy_loss_fn(loss_mode)(
                             old_log_prob=part["old_log_prob"],
                             log_prob=part["log_prob"].detach(),

@@ -17,13 +17,18 @@ model.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from cw_verl.cpu.launch import run_ranks
-from cw_verl.demo.batch import save_shared_batch
+# The study aids live in the repository's tests/support (not in the package): run from a checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cw_verl.cpu.launch import run_ranks  # noqa: E402
+from tests.support.batch import save_shared_batch  # noqa: E402
 
 LOSSES = ["vanilla", "clip_cov", "cw_grpo", "cw_grpo_group", "cw_grpo_microbatch"]
 PROMPTS, GROUP_SIZE, MICRO_BATCH = 16, 8, 16

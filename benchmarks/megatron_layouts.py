@@ -8,7 +8,7 @@ with sequence parallelism, PP2, CP2 (2 ranks), TP2xPP2 and TP2xDP2 with sequence
 Layouts with one data-parallel rank use 4 micro-batches of 4 sequences, like the one-process reference;
 TP2xDP2 uses one micro-batch of 8 per rank, against one micro-batch of 16 on one process (the same global
 partition, which the per-call scope depends on). For each layout and loss it prints the deviation from one
-process (cw_verl.demo.megatron_study.deviations): |loss| (verl's pg_loss, absolute), grad norm (relative),
+process (tests.support.megatron_study.deviations): |loss| (verl's pg_loss, absolute), grad norm (relative),
 the full gradient and the parameter update (relative L2), and the largest change of a token's weight w~.
 ``vanilla`` is the bf16 floor of each layout: verl's Megatron engine trains in bf16 only. The last line is
 the single-process floor: vanilla with one micro-batch of 16 against 4 of 4 on one process.
@@ -17,12 +17,17 @@ the single-process floor: vanilla with one micro-batch of 16 against 4 of 4 on o
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
-from cw_verl.cpu.launch import run_ranks
-from cw_verl.demo.megatron_study import (
+# The study aids live in the repository's tests/support (not in the package): run from a checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cw_verl.cpu.launch import run_ranks  # noqa: E402
+from tests.support.megatron_study import (  # noqa: E402
     MICRO_BATCH,
     REFERENCE_MICRO_BATCH,
     Variant,

@@ -22,13 +22,18 @@ rounding for FSDP2, bf16 rounding for Megatron (verl's Megatron engine trains in
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
-from cw_verl.cpu.launch import run_ranks
-from cw_verl.cpu.studies import Variant, updates_per_variant
-from cw_verl.demo.batch import save_shared_batch
+# The study aids live in the repository's tests/support (not in the package): run from a checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cw_verl.cpu.launch import run_ranks  # noqa: E402
+from tests.support.batch import save_shared_batch  # noqa: E402
+from tests.support.studies import Variant, updates_per_variant  # noqa: E402
 
 PROMPTS, GROUP_SIZE = 8, 8
 LOSSES = ["vanilla", "cw_grpo_microbatch", "cw_grpo_minibatch", "cw_grpo_group"]

@@ -59,76 +59,24 @@ def run_check() -> list[str]:
     if verl.__version__ != TESTED_VERL:
         print(f"  [warn] verl {verl.__version__} is not the tested {TESTED_VERL}; run the test-suite's patch checks")
     report("cw_verl.verl_plugin" in sys.modules, "`import verl` loaded cw_verl.verl_plugin")
+    if os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu":
+        report("cw_verl.cpu.verl_plugin" in sys.modules, "VERL_PLATFORM=cpu: `import verl` loaded the CPU support")
 
     from verl.trainer.ppo import core_algos
 
-    from cw_verl.verl_losses import CW_GRPO, DEFAULT_SCOPE, LOSS_MODES
+    from cw_verl import patches
+    from cw_verl.registry import ADVANTAGE_ESTIMATORS, CW_POLICY_LOSSES, OTHER_POLICY_LOSSES
 
-    report(CW_GRPO in core_algos.ADV_ESTIMATOR_REGISTRY, f"algorithm.adv_estimator={CW_GRPO} registered")
-    for name, scope in LOSS_MODES.items():
-        note = f" (default: {DEFAULT_SCOPE} scope)" if name == CW_GRPO else f" ({scope} scope)"
-        report(name in core_algos.POLICY_LOSS_REGISTRY, f"actor.policy_loss.loss_mode={name} registered{note}")
-    from cw_verl.authors_loss import AUTHORS_LOSS_MODE
-
-    report(
-        AUTHORS_LOSS_MODE in core_algos.POLICY_LOSS_REGISTRY,
-        f"actor.policy_loss.loss_mode={AUTHORS_LOSS_MODE} registered (the authors' released objective)",
-    )
-    from cw_verl.verl_losses import VANILLA_WITH_CW_METRICS
-
-    report(
-        VANILLA_WITH_CW_METRICS in core_algos.POLICY_LOSS_REGISTRY,
-        f"actor.policy_loss.loss_mode={VANILLA_WITH_CW_METRICS} registered (verl's vanilla loss + actor/cw/* metrics)",
-    )
-
-    report("ep_grpo" in core_algos.ADV_ESTIMATOR_REGISTRY, "algorithm.adv_estimator=ep_grpo registered (EP-GRPO)")
-    ray_trainer = importlib.import_module("verl.trainer.ppo.ray_trainer")
-    report(
-        getattr(ray_trainer.compute_advantage, "_cw_verl_ep_inputs", None) is not None,
-        "compute_advantage hands ep_grpo the entropy and reference log-probs",
-    )
-
-    from verl.workers.engine.base import BaseEngine
-
-    report(
-        getattr(BaseEngine.train_batch, "_cw_verl_engine_context", False),
-        "BaseEngine.train_batch/infer_batch hand the engine's dp_group to the policy loss",
-    )
-    main_ppo = importlib.import_module("verl.trainer.main_ppo")
-    config_module = importlib.import_module("verl.utils.config")
-    report(
-        getattr(main_ppo.run_ppo, "_cw_verl_config_rules", False)
-        and getattr(config_module.validate_config, "_cw_verl_config_rules", False),
-        "config rules (loss_mode follows adv_estimator=cw_grpo) run at every entry point before Ray starts",
-    )
-    ray_trainer = importlib.import_module("verl.trainer.ppo.ray_trainer")
-    report(
-        getattr(ray_trainer.compute_advantage, "_cw_verl_advantage_source", False)
-        and getattr(core_algos.get_policy_loss_fn, "_cw_verl_advantage_source", False),
-        "workers refuse to train cw_grpo advantages with a non-CW loss",
-    )
-    try:
-        v1_utils = importlib.import_module("verl.trainer.ppo.v1.utils")
-        v1_trainer = importlib.import_module("verl.trainer.ppo.v1.trainer_base")
-    except ImportError as error:
-        report(False, f"verl's v1 trainer imports ({error})", f"verl's v1 trainer cannot be imported: {error}")
-    else:
-        report(
-            getattr(v1_utils.compute_advantage_for_multi_trajectories, "_cw_verl_multi_trajectory", False),
-            "v1 trainer's multi-trajectory advantages treat cw_grpo as GRPO",
-        )
-        report(
-            getattr(v1_trainer.PPOTrainer._compute_advantage, "_cw_verl_advantage_source", False),
-            "v1 trainer marks cw_grpo advantages for the workers' check",
-        )
-        report(
-            getattr(v1_trainer.PPOTrainer._balance_batch, "_cw_verl_whole_groups", False),
-            f"v1 trainer keeps prompt groups whole for {AUTHORS_LOSS_MODE}",
-        )
-        report(
-            getattr(v1_trainer.PPOTrainer._compute_metrics, "_cw_verl_reward_metrics", False),
-            "v1 trainer logs cw_verl's reward diagnostics per step",
-        )
+    for name, (_, what) in ADVANTAGE_ESTIMATORS.items():
+        report(name in core_algos.ADV_ESTIMATOR_REGISTRY, f"algorithm.adv_estimator={name} registered ({what})")
+    for name, (_, what) in {**CW_POLICY_LOSSES, **OTHER_POLICY_LOSSES}.items():
+        report(name in core_algos.POLICY_LOSS_REGISTRY, f"actor.policy_loss.loss_mode={name} registered ({what})")
+    for patch in patches.PATCHES:
+        try:
+            ok, problem = patches.applied(patch), None
+        except ImportError as error:
+            ok, problem = False, f"{patch.module} cannot be imported: {error}"
+        report(ok, f"{patch.module}.{patch.attribute}: {patch.what}", problem)
     print("OK: cw_verl is active in verl" if not problems else f"{len(problems)} problem(s): " + "; ".join(problems))
     return problems
 

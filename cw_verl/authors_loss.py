@@ -11,7 +11,7 @@ code's ``-(w~ * exp(logp - stopgrad(logp)) * A)``. Its ``beta * k3`` KL term is 
 ``loss_agg_mode=seq-mean-token-mean``.
 
 Side channel: verl's ``ppo_loss`` does not hand the micro-batch's ``uid`` to policy losses; it is read from
-:func:`cw_verl.distributed.current_loss_call`, which ``cw_verl/patches/engine_context.py`` sets.
+:func:`cw_verl.context.current_loss_call`, which ``cw_verl/patches/engine_context.py`` sets.
 """
 
 from __future__ import annotations
@@ -19,30 +19,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from cw_verl.authors_objective import Groups, authors_weights, sequence_advantages
-from cw_verl.distributed import current_loss_call, group_gather, resolve_data_parallel_group
-from cw_verl.verl_losses import cw_policy_loss, verl_ppo_loss
+from cw_verl.context import current_loss_call
+from cw_verl.distributed import gather_flags, raise_together, resolve_data_parallel_group
+from cw_verl.verl_losses import TABLE1_PERCENTILES, order_statistics, row_uids, verl_ppo_loss
 
 AUTHORS_LOSS_MODE = "cw_grpo_authors"
-
-# The paper's Table 1 percentiles, as fractions of the valid tokens (the keys cw_grpo logs too).
-_PERCENTILES = ((0.0001, "0.01pct"), (0.01, "1pct"), (0.2, "20pct"), (0.4, "40pct"))
 
 
 class WholeGroupError(ValueError):
     """A loss call does not hold every prompt group whole; raised on every data-parallel rank together."""
-
-
-def _row_uids(micro_batch) -> list | None:
-    if micro_batch is None or "uid" not in micro_batch.keys():
-        return None
-    from verl.utils import tensordict_utils as tu
-
-    uids = tu.get(micro_batch, "uid")
-    return list(uids.tolist() if isinstance(uids, np.ndarray) else uids)
 
 
 def _problem(log_prob, old_log_prob, advantages, mask, uids, rollout_n) -> str | None:
@@ -73,18 +61,6 @@ def _problem(log_prob, old_log_prob, advantages, mask, uids, rollout_n) -> str |
     return None
 
 
-def _raise_together(problem: str | None, group, device) -> None:
-    """Raise on every rank of ``group`` if any rank has a problem, so that no rank waits in a collective.
-
-    The flag lives on ``device``, the loss's: the engine's DP group may have only an NCCL backend."""
-    flag = torch.tensor([0.0 if problem is None else 1.0], dtype=torch.float64, device=device)
-    ranks_with_problem = int(group_gather(group)(flag).sum().item())
-    if problem is not None:
-        raise WholeGroupError(problem)
-    if ranks_with_problem:
-        raise WholeGroupError(f"{ranks_with_problem} other data-parallel rank(s) failed; see the error on those ranks")
-
-
 def _metrics(result, mask: torch.Tensor) -> dict[str, float]:
     valid = mask.bool()
     weights = result.weights.detach()[valid].double()
@@ -101,15 +77,12 @@ def _metrics(result, mask: torch.Tensor) -> dict[str, float]:
         "actor/cw/frac_below_half": float((weights < 0.5).double().mean()) if weights.numel() else 0.0,
         "actor/cw/cov_mean": float(cov.mean()) if cov.numel() else 0.0,
     }
-    ascending = np.sort(cov.cpu().numpy())
-    for fraction, name in _PERCENTILES:
-        k = max(1, math.ceil(fraction * len(ascending)))
-        metrics[f"actor/cw/cov_pos_top_{name}"] = float(ascending[-k]) if len(ascending) else 0.0
-        metrics[f"actor/cw/cov_neg_top_{name}"] = float(ascending[k - 1]) if len(ascending) else 0.0
+    tails = order_statistics(result.cov.detach(), valid.to(result.cov.dtype), valid.sum()).tolist()
+    names = [f"cov_{side}_top_{name}" for side in ("pos", "neg") for _, name in TABLE1_PERCENTILES]
+    metrics.update({f"actor/cw/{name}": value for name, value in zip(names, tails, strict=True)})
     return metrics
 
 
-@cw_policy_loss(AUTHORS_LOSS_MODE)
 def compute_policy_loss_cw_grpo_authors(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -142,7 +115,7 @@ def compute_policy_loss_cw_grpo_authors(
     batch_info = getattr(config, "global_batch_info", None) or {}
     group = resolve_data_parallel_group(batch_info.get("dp_size"))
     call = current_loss_call()
-    uids = _row_uids(call.micro_batch if call is not None else None)
+    uids = row_uids(call.micro_batch if call is not None else None)
     rollout_n = getattr(config, "rollout_n", None)
     problem = _problem(log_prob, old_log_prob, advantages, response_mask, uids, rollout_n)
     if problem is None:
@@ -150,7 +123,8 @@ def compute_policy_loss_cw_grpo_authors(
             seq_advantages = sequence_advantages(advantages, response_mask)
         except ValueError as error:
             problem = str(error)
-    _raise_together(problem, group, log_prob.device if isinstance(log_prob, torch.Tensor) else None)
+    device = log_prob.device if isinstance(log_prob, torch.Tensor) else None
+    raise_together(gather_flags(problem, group, device), problem, WholeGroupError, group)
 
     result = authors_weights(log_prob, seq_advantages, response_mask, Groups.from_labels(uids))
     metrics: dict[str, Any] = _metrics(result, response_mask)

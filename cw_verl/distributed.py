@@ -1,84 +1,20 @@
-"""Where CW-GRPO's statistics are reduced: the engine call context, the DP group, and its all-gather.
+"""Where CW-GRPO's statistics are reduced: the DP group of a loss call, its all-gather, and stopping together.
 
 The statistics of a loss call are those of all tokens that the data-parallel group holds in scope.
 Which group that is belongs to the training engine (verl's FSDP engine: WORLD, or the ``dp`` dimension
 of the Ulysses mesh; Megatron: ``mpu.get_data_parallel_group()``, which leaves tensor-, pipeline- and
-context-parallel replicas of the same tokens out). The engine hands its group, and the micro-batch,
-to each loss call; :mod:`cw_verl.patches.engine_context` (``patches/engine_context.py``) records them here
-(:func:`loss_call`), and records each optimizer mini-batch (:func:`train_batch_call`) for the scopes wider
-than one call. These are the side channels verl forces: set by the patch around the engine's calls, read
-by the CW-GRPO losses (:mod:`cw_verl.verl_losses`) and by the worker's advantage-source guard
-(:mod:`cw_verl.patches.advantage_source`).
+context-parallel replicas of the same tokens out). The engine's group reaches the loss through
+:func:`cw_verl.context.current_loss_call` (set by ``patches/engine_context.py``); every collective below
+takes the group as an argument.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 import torch.distributed as dist
 
+from cw_verl.context import current_loss_call
 from cw_verl.weights import Gather, local_gather
-
-
-@dataclass(frozen=True)
-class LossCall:
-    """One call of the engine's loss function: its DP group and its micro-batch (a TensorDict, or None)."""
-
-    dp_group: Any
-    micro_batch: Any = None
-
-
-@dataclass
-class TrainBatchCall:
-    """One ``engine.train_batch``/``infer_batch`` call: this rank's optimizer mini-batch, and a cache for
-    statistics computed once per mini-batch."""
-
-    mini_batch: Any
-    cache: dict = field(default_factory=dict)
-
-
-_loss_call: contextvars.ContextVar[LossCall | None] = contextvars.ContextVar("cw_verl_loss_call", default=None)
-_train_batch: contextvars.ContextVar[TrainBatchCall | None] = contextvars.ContextVar(
-    "cw_verl_train_batch", default=None
-)
-
-
-@contextlib.contextmanager
-def _set(var: contextvars.ContextVar, value) -> Iterator:
-    token = var.set(value)
-    try:
-        yield value
-    finally:
-        var.reset(token)
-
-
-def loss_call(dp_group, micro_batch=None):
-    """Context of one loss call: CW-GRPO reduces over ``dp_group`` (``None``: no reduction)."""
-    return _set(_loss_call, LossCall(dp_group, micro_batch))
-
-
-def data_parallel_group(group):
-    """For calling the policy loss yourself in a multi-process run: reduce over ``group``."""
-    return loss_call(group)
-
-
-def train_batch_call(mini_batch, cache: dict | None = None):
-    """Context of one optimizer mini-batch (``engine.train_batch``). ``cache``: reuse statistics already
-    computed for this same mini-batch (a benchmark's repeated calls)."""
-    return _set(_train_batch, TrainBatchCall(mini_batch, {} if cache is None else cache))
-
-
-def current_loss_call() -> LossCall | None:
-    return _loss_call.get()
-
-
-def current_train_batch() -> TrainBatchCall | None:
-    return _train_batch.get()
 
 
 def resolve_data_parallel_group(expected_dp_size: int | None):
@@ -93,7 +29,7 @@ def resolve_data_parallel_group(expected_dp_size: int | None):
             group does not have the DP size (e.g. a WORLD group that also spans tensor-parallel ranks,
             which would count every token once per replica).
     """
-    call = _loss_call.get()
+    call = current_loss_call()
     distributed = dist.is_available() and dist.is_initialized()
     if call is None:
         if (expected_dp_size or 1) > 1 or (distributed and dist.get_world_size() > 1):
@@ -101,7 +37,7 @@ def resolve_data_parallel_group(expected_dp_size: int | None):
                 "cw_grpo needs the data-parallel group of the loss call, but none was provided. verl's "
                 "engines provide it through cw_verl's patch of BaseEngine.train_batch/infer_batch (is the "
                 "cw_verl plugin loaded? run `python -m cw_verl check`); when calling the policy loss yourself "
-                "in a multi-process run, wrap the call in `cw_verl.distributed.data_parallel_group(group)`."
+                "in a multi-process run, wrap the call in `cw_verl.context.loss_call(group)`."
             )
         return None
     group = call.dp_group
@@ -137,3 +73,38 @@ def group_gather(group) -> Gather:
         return torch.stack(parts)
 
     return gather
+
+
+def gather_flags(problem: str | None, group, device) -> list[float]:
+    """Every rank's 0/1 "my call is unusable" flag, in group order (one one-element all-gather).
+
+    The flag lives on ``device``, the loss's: the engine's DP group may have only an NCCL backend."""
+    flag = torch.tensor([0.0 if problem is None else 1.0], dtype=torch.float64, device=device)
+    return group_gather(group)(flag).flatten().tolist()
+
+
+def raise_together(flags: list[float], problem: str | None, error: type[Exception], group, own_flag: str = "") -> None:
+    """Raise on every rank when any rank flagged its call, so that no rank waits alone in a collective.
+
+    Args:
+        flags: one 0/1 per rank of ``group`` in group order (gathered, e.g. by :func:`gather_flags`).
+        problem: this rank's own problem, raised as is.
+        error: the exception type to raise.
+        group: the process group the flags came from (``None``: this process alone).
+        own_flag: the message when this rank's flag is set without a ``problem`` (a check done on the device).
+
+    Raises:
+        error: when ``problem`` is set or any flag is.
+    """
+    if problem is not None:
+        raise error(problem)
+    bad = [rank for rank, flag in enumerate(flags) if flag > 0]
+    if not bad:
+        return
+    rank = dist.get_rank(group) if group is not None else 0
+    if rank in bad:
+        raise error(own_flag)
+    raise error(
+        f"rank(s) {bad} of the data-parallel group got an unusable micro-batch in this loss call (see the error "
+        "on those ranks); every rank stops."
+    )

@@ -13,13 +13,11 @@ import dataclasses
 
 from omegaconf import DictConfig, OmegaConf
 
-from cw_verl.config_rules import Launch, config_rule
 from cw_verl.ep import EPConfig
+from cw_verl.verl_config import ESTIMATOR_KEY, LOSS_MODE_KEY
 
 EP_GRPO = "ep_grpo"
 KNOBS_KEY = "ep_grpo"
-ESTIMATOR_KEY = "algorithm.adv_estimator"
-LOSS_MODE_KEY = "actor_rollout_ref.actor.policy_loss.loss_mode"
 
 
 class EPConfigError(ValueError):
@@ -77,9 +75,3 @@ def check_ep_grpo(config: DictConfig) -> None:
             f"{ESTIMATOR_KEY}={EP_GRPO} with {LOSS_MODE_KEY}={loss_mode} would reweight EP-GRPO's token advantages "
             "by CW-GRPO as well, a third algorithm. Use loss_mode=vanilla (verl's default) with ep_grpo."
         )
-
-
-@config_rule
-def ep_grpo_can_be_fed(config: DictConfig, launch: Launch) -> None:
-    """Config rule: :func:`check_ep_grpo` at every verl entry point (``launch`` is not needed)."""
-    check_ep_grpo(config)

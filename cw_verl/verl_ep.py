@@ -19,10 +19,6 @@ import torch
 from cw_verl.ep import ep_diagnostics, ep_token_advantages
 from cw_verl.ep_config import EP_GRPO, ep_config_from_algorithm
 
-ENTROPY_KEY = "ep_grpo_entropy"
-"""Key under which the legacy trainer's batch carries the old-log-prob pass's entropy to the estimator
-(verl pops its own ``entropys`` key before the batch reaches ``compute_advantage``)."""
-
 
 def group_ids(index) -> torch.Tensor:
     """``[B]`` int64 group ids from verl's uid array (same uid, same id)."""

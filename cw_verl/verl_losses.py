@@ -45,12 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cw_verl.distributed import (
-    current_loss_call,
-    current_train_batch,
-    group_gather,
-    resolve_data_parallel_group,
-)
+from cw_verl.context import current_loss_call, current_train_batch
+from cw_verl.distributed import group_gather, raise_together, resolve_data_parallel_group
 from cw_verl.weights import (
     CovarianceInputError,
     ScopeStatistics,
@@ -71,12 +67,6 @@ LOSS_MODES = {
     f"{CW_GRPO}_{MINIBATCH}": MINIBATCH,
     f"{CW_GRPO}_{GROUP}": GROUP,
 }
-
-# Callables ``(micro_batch, response_mask, weights)`` run on every CW-GRPO loss call with the call's
-# micro-batch (verl's TensorDict, whose non-tensor fields identify its rows, or None), its [B, T] response
-# mask and the [B, T] weights applied (0 outside the mask): for studies and debugging (cw_verl.cpu.studies);
-# empty, and free, in training.
-weight_observers: list = []
 
 # The paper's Table 1 percentiles, as fractions of the valid tokens.
 TABLE1_PERCENTILES = ((0.0001, "0.01pct"), (0.01, "1pct"), (0.2, "20pct"), (0.4, "40pct"))
@@ -160,7 +150,8 @@ def uid_keys(uids) -> torch.Tensor:
     )
 
 
-def _row_uids(batch) -> list | None:
+def row_uids(batch) -> list | None:
+    """Each row's prompt ``uid`` in verl's batch (a TensorDict), or ``None`` when the batch has none."""
     if batch is None or "uid" not in batch.keys():
         return None
     from verl.utils import tensordict_utils as tu
@@ -224,10 +215,6 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device.type == "cpu" and b.device.type == "cpu" and torch.equal(a, b)
 
 
-def _statistics_pass_key(scope: str) -> str:
-    return f"{scope}/statistics_pass"
-
-
 def _group_rows_problem(stats: ScopeStatistics, rollout_n: int) -> torch.Tensor:
     """1.0 (on the device) when some prompt group of the mini-batch does not have ``rollout_n`` responses."""
     present = stats.rows > 0
@@ -248,14 +235,14 @@ def mini_batch_statistics(scope: str, group, config, device, call_shape=None) ->
             f"cw_grpo_{scope} computes its statistics once per optimizer mini-batch from the batch verl's engine "
             "trains on (BaseEngine.train_batch); call it through a verl engine, or use cw_grpo_microbatch."
         )
-    if scope in call.cache:
-        return call.cache[scope]
+    if scope in call.statistics:
+        return call.statistics[scope]
     fields = _padded(call.mini_batch, "old_log_probs", "advantages", "response_mask")
     old_log_prob, advantages, mask = (t.to(device, non_blocking=True) for t in fields)
     problem = check_inputs(old_log_prob, advantages, mask)
     row_keys, max_segments = None, 1
     if scope == GROUP:
-        uids = _row_uids(call.mini_batch)
+        uids = row_uids(call.mini_batch)
         if uids is None:
             problem = problem or NO_UID
         else:
@@ -279,9 +266,9 @@ def mini_batch_statistics(scope: str, group, config, device, call_shape=None) ->
             "prompts, one mini-batch per update, no multi-trajectory outputs)."
         )
     result = MiniBatchStatistics(stats, _metrics_dict(values[1 : 1 + len(SCOPE_METRICS) + len(RANK_METRICS)]))
-    call.cache[scope] = result
+    call.statistics[scope] = result
     if call_shape is not None and tuple(call_shape) == tuple(mask.shape):
-        call.cache[_statistics_pass_key(scope)] = StatisticsPass(old_log_prob, advantages, mask, tokens)
+        call.first_call_weights[scope] = StatisticsPass(old_log_prob, advantages, mask, tokens)
     return result
 
 
@@ -290,22 +277,6 @@ def _call_problem(scope_log_prob, old_log_prob, log_prob, advantages, response_m
     if problem is None and old_log_prob.shape != log_prob.shape:
         problem = f"old_log_prob has shape {tuple(old_log_prob.shape)}, log_prob {tuple(log_prob.shape)}"
     return problem
-
-
-def _raise_together(flags: list[float], problem: str | None, own_flag: str, group) -> None:
-    """Every rank raises when any rank flagged its loss call (``flags``: one 0/1 per rank, in group order)."""
-    if problem is not None:
-        raise CovarianceInputError(problem)
-    bad = [rank for rank, flag in enumerate(flags) if flag > 0]
-    if not bad:
-        return
-    rank = torch.distributed.get_rank(group) if group is not None else 0
-    if rank in bad:
-        raise CovarianceInputError(own_flag)
-    raise CovarianceInputError(
-        f"rank(s) {bad} of the data-parallel group got an unusable micro-batch in this loss call (see the error "
-        "on those ranks); every rank stops."
-    )
 
 
 UNCOVERED = "cw_grpo_group: this micro-batch holds prompt groups that its optimizer mini-batch does not"
@@ -370,7 +341,7 @@ def cw_grpo_policy_loss(
         flag = torch.zeros(1, dtype=torch.float64, device=device)
         if problem is None and scope == GROUP:
             call = current_loss_call()
-            uids = _row_uids(call.micro_batch if call else None)
+            uids = row_uids(call.micro_batch if call else None)
             if uids is None:
                 problem = NO_UID
             else:
@@ -382,7 +353,7 @@ def cw_grpo_policy_loss(
         # One one-element all-gather per call, so that a bad micro-batch on one rank stops every rank here.
         checks = group_gather(group)(flag).flatten() if group is not None else flag
         if problem is not None:
-            _raise_together(checks.tolist(), problem, UNCOVERED, group)
+            raise_together(checks.tolist(), problem, CovarianceInputError, group, UNCOVERED)
 
     mask = float_mask(response_mask, torch.promote_types(log_prob.dtype, torch.float32))
     if scope == MICROBATCH:
@@ -391,16 +362,11 @@ def cw_grpo_policy_loss(
         log_prob = torch.nan_to_num(log_prob, nan=0.0, posinf=0.0, neginf=0.0)
     else:
         # The first call of a mini-batch may be the whole mini-batch (one micro-batch per update).
-        first = current_train_batch().cache.pop(_statistics_pass_key(scope), None)
+        first = current_train_batch().first_call_weights.pop(scope, None)
         weights = None if first is None else first.weights_for(old_log_prob, advantages, response_mask, slots)
         if weights is None:
             weights = token_weights(stats, old_log_prob, advantages, slots) * mask
-    if weight_observers:
-        call = current_loss_call()
-        for observer in weight_observers:
-            observer(call.micro_batch if call else None, response_mask, weights.detach())
-    # Outside the mask values may be garbage: sanitised, and weighed 0.
-    weighted = weights * torch.nan_to_num(advantages.detach(), nan=0.0, posinf=0.0, neginf=0.0).to(weights.dtype)
+    weighted = reweighted_advantages(weights, advantages)
     old_log_prob = torch.nan_to_num(old_log_prob, nan=0.0, posinf=0.0, neginf=0.0)
     loss, pg_metrics = verl_ppo_loss(
         old_log_prob, log_prob, weighted.to(advantages.dtype), response_mask, loss_agg_mode, config, rollout_is_weights
@@ -410,9 +376,23 @@ def cw_grpo_policy_loss(
         raise_for_bad_input(np.asarray(rest[metric_count:]).reshape(-1, 3), None, tokens=(advantages, response_mask))
         metrics = _metrics_dict(rest[:metric_count])
     else:
-        _raise_together(rest, None, UNCOVERED, group)
+        raise_together(rest, None, CovarianceInputError, group, UNCOVERED)
     metrics.update(pg_metrics)
     return loss, metrics
+
+
+def reweighted_advantages(weights: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """Paper Sec. 2.3: the advantage of each token's PPO term, ``w~ * A``.
+
+    Args:
+        weights: ``[B, T]`` normalised weights ``w~``, 0 outside the statistics (and the mask).
+        advantages: ``[B, T]`` the estimator's advantages; values outside the mask may be garbage (NaN
+            included), so they are sanitised before the product and weigh 0.
+
+    Returns:
+        ``[B, T]`` ``w~ * A`` in the weights' dtype, without gradient through ``advantages``.
+    """
+    return weights * torch.nan_to_num(advantages.detach(), nan=0.0, posinf=0.0, neginf=0.0).to(weights.dtype)
 
 
 def verl_ppo_loss(
@@ -493,10 +473,10 @@ def _scoped_policy_loss(loss_mode: str, scope: str):
     return policy_loss
 
 
-POLICY_LOSSES = {name: _scoped_policy_loss(name, scope) for name, scope in LOSS_MODES.items()}
-"""Every CW policy loss cw_verl registers with verl (``loss_mode`` -> function). A module adding a CW loss
-mode puts it here (:func:`cw_policy_loss`) before verl imports ``core_algos``; the config rules and the
-worker's guard treat every name here as a CW loss."""
+compute_policy_loss_cw_grpo = _scoped_policy_loss(CW_GRPO, DEFAULT_SCOPE)
+compute_policy_loss_cw_grpo_minibatch = _scoped_policy_loss(f"{CW_GRPO}_{MINIBATCH}", MINIBATCH)
+compute_policy_loss_cw_grpo_group = _scoped_policy_loss(f"{CW_GRPO}_{GROUP}", GROUP)
+compute_policy_loss_cw_grpo_microbatch = _scoped_policy_loss(f"{CW_GRPO}_{MICROBATCH}", MICROBATCH)
 
 
 VANILLA_WITH_CW_METRICS = "vanilla_cw_metrics"
@@ -552,16 +532,6 @@ def compute_policy_loss_vanilla_cw_metrics(
     # No weight metrics: this loss applies none, and a plot of them would suggest it did.
     covariance = {key: value for key, value in scoped.metrics.items() if key.rpartition("/")[2] not in WEIGHT_METRICS}
     return loss, {**metrics, **covariance}
-
-
-def cw_policy_loss(name: str):
-    """Decorator: register ``fn`` as the CW policy loss ``name`` (see :data:`POLICY_LOSSES`)."""
-
-    def register(fn):
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return register
 
 
 def compute_cw_grpo_outcome_advantage(

@@ -30,7 +30,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from cw_verl.authors_loss import AUTHORS_LOSS_MODE
-from cw_verl.config_rules import LOSS_MODE_KEY, ConfigConflictError, Launch, config_rule, verl_default_loss_mode
+from cw_verl.verl_config import LOSS_MODE_KEY, ConfigConflictError, verl_default_loss_mode
 
 WHOLE_GROUP_LOSS_MODES = frozenset({AUTHORS_LOSS_MODE})
 ACTOR = "actor_rollout_ref.actor"
@@ -107,12 +107,6 @@ def check_whole_groups(config: DictConfig) -> None:
             f"{LOSS_MODE_KEY}={loss_mode} computes each prompt group's statistics inside one loss call, which "
             "needs every group whole in one micro-batch:\n  - " + "\n  - ".join(problems)
         )
-
-
-@config_rule
-def whole_groups_for_whole_group_losses(config: DictConfig, launch: Launch) -> None:
-    """Config rule: :func:`check_whole_groups` at every verl entry point (``launch`` is not needed)."""
-    check_whole_groups(config)
 
 
 def group_partitions(uids: list, workloads: list[int], dp_size: int, rollout_n: int) -> list[list[int]]:

@@ -12,7 +12,7 @@ train plain GRPO on ``cw_grpo`` advantages, silently. verl gives the actor's wor
   in ``KVBatchMeta.extra_info[MARK]``, which the worker's fetch turns into the same field.
 - **read** in every actor worker: ``core_algos.get_policy_loss_fn``, which verl's ``ppo_loss`` calls on every
   micro-batch, looks at the mini-batch ``BaseEngine.train_batch`` is training
-  (:func:`cw_verl.distributed.current_train_batch`) and refuses a non-CW loss for a marked batch. Every rank
+  (:func:`cw_verl.context.current_train_batch`) and refuses a non-CW loss for a marked batch. Every rank
   has the same config and batch marks, so every rank raises at the same call.
 """
 
@@ -21,11 +21,13 @@ from __future__ import annotations
 import functools
 import inspect
 
-from cw_verl.config_rules import CW_ESTIMATORS, ESTIMATOR_KEY, LOSS_MODE_KEY, ConfigConflictError, cw_loss_modes
-from cw_verl.distributed import current_train_batch
+from cw_verl.config_rules import cw_loss_modes
+from cw_verl.context import current_train_batch
+from cw_verl.registry import CW_ESTIMATORS
+from cw_verl.verl_config import ESTIMATOR_KEY, LOSS_MODE_KEY, ConfigConflictError
 
 MARK = "cw_verl_adv_estimator"
-_PATCHED = "_cw_verl_advantage_source"
+MARKER = "_cw_verl_advantage_source"
 
 
 def _name(estimator) -> str:
@@ -57,7 +59,7 @@ def check_policy_loss(loss_mode: str) -> None:
 def patch_policy_loss_lookup(core_algos) -> None:
     """Post-import hook for ``verl.trainer.ppo.core_algos`` (the reading side)."""
     original = core_algos.get_policy_loss_fn
-    if getattr(original, _PATCHED, False):
+    if getattr(original, MARKER, False):
         return
 
     @functools.wraps(original)
@@ -65,14 +67,14 @@ def patch_policy_loss_lookup(core_algos) -> None:
         check_policy_loss(name)
         return original(name)
 
-    setattr(get_policy_loss_fn, _PATCHED, True)
+    setattr(get_policy_loss_fn, MARKER, True)
     core_algos.get_policy_loss_fn = get_policy_loss_fn
 
 
 def patch_compute_advantage(ray_trainer) -> None:
     """Post-import hook for ``verl.trainer.ppo.ray_trainer`` (the marking side, DataProto batches)."""
     original = ray_trainer.compute_advantage
-    if getattr(original, _PATCHED, False):
+    if getattr(original, MARKER, False):
         return
     signature = inspect.signature(original)
 
@@ -84,7 +86,7 @@ def patch_compute_advantage(ray_trainer) -> None:
             data.meta_info[MARK] = estimator
         return data
 
-    setattr(compute_advantage, _PATCHED, True)
+    setattr(compute_advantage, MARKER, True)
     ray_trainer.compute_advantage = compute_advantage
 
 
@@ -92,7 +94,7 @@ def patch_v1_compute_advantage(trainer_base) -> None:
     """Post-import hook for ``verl.trainer.ppo.v1.trainer_base`` (the marking side, TransferQueue batches)."""
     trainer = trainer_base.PPOTrainer
     original = trainer._compute_advantage
-    if getattr(original, _PATCHED, False):
+    if getattr(original, MARKER, False):
         return
 
     @functools.wraps(original)
@@ -103,5 +105,5 @@ def patch_v1_compute_advantage(trainer_base) -> None:
             batch.extra_info[MARK] = estimator
         return batch
 
-    setattr(_compute_advantage, _PATCHED, True)
+    setattr(_compute_advantage, MARKER, True)
     trainer._compute_advantage = _compute_advantage

@@ -10,20 +10,20 @@ with the trainer loop named by the task-runner class it receives.
 there ``main`` calls ``validate_config`` (imported from ``verl.utils.config``, so the wrapped one) before
 ``run_ppo``, and that call applies the rules, for the runner ``main`` picks next (``trainer.use_v1``).
 ``validate_config`` is also called inside Ray task runners (legacy trainer, one_step_off_policy), after the
-driver applied the rules: only the call from ``main_ppo.main`` applies them. Applying them twice changes
-nothing.
+driver applied the rules. So the wrapped ``validate_config`` applies them only in the one process state
+where ``run_ppo`` cannot: the process's ``__main__`` is ``verl.trainer.main_ppo`` (``python -m``) and Ray has
+not started (Ray workers run Ray's own ``__main__``). Applying them twice changes nothing.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import sys
 
 from cw_verl.config_rules import apply_config_rules, launch_of
 
-_PATCHED = "_cw_verl_config_rules"
-MAIN_PPO_FILE = os.path.join("verl", "trainer", "main_ppo.py")
+MARKER = "_cw_verl_config_rules"
+MAIN_PPO = "verl.trainer.main_ppo"
 
 
 def runner_name(task_runner_class) -> str:
@@ -39,7 +39,7 @@ def runner_name(task_runner_class) -> str:
 def patch_run_ppo(main_ppo_module) -> None:
     """Post-import hook for ``verl.trainer.main_ppo``."""
     original = main_ppo_module.run_ppo
-    if getattr(original, _PATCHED, False):
+    if getattr(original, MARKER, False):
         return
 
     @functools.wraps(original)
@@ -47,29 +47,34 @@ def patch_run_ppo(main_ppo_module) -> None:
         apply_config_rules(config, launch_of(config, runner_name(task_runner_class)))
         return original(config, task_runner_class, *args, **kwargs)
 
-    setattr(run_ppo, _PATCHED, True)
+    setattr(run_ppo, MARKER, True)
     main_ppo_module.run_ppo = run_ppo
 
 
-def _called_from_main_ppo_main() -> bool:
-    caller = sys._getframe(2).f_code  # 0: here, 1: the wrapper, 2: its caller
-    return caller.co_name == "main" and caller.co_filename.endswith(MAIN_PPO_FILE)
+def driver_of_python_m_main_ppo() -> bool:
+    """Whether this process runs ``python -m verl.trainer.main_ppo`` and Ray has not started yet."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(spec, "name", None) != MAIN_PPO:
+        return False
+    import ray
+
+    return not ray.is_initialized()
 
 
 def patch_validate_config(config_module) -> None:
     """Post-import hook for ``verl.utils.config``."""
     original = config_module.validate_config
-    if getattr(original, _PATCHED, False):
+    if getattr(original, MARKER, False):
         return
 
     @functools.wraps(original)
     def validate_config(config, *args, **kwargs):
-        if _called_from_main_ppo_main():
+        if driver_of_python_m_main_ppo():
             runner = "TaskRunnerV1" if config.trainer.use_v1 else "TaskRunner"
             apply_config_rules(config, launch_of(config, runner))
         return original(config, *args, **kwargs)
 
-    setattr(validate_config, _PATCHED, True)
+    setattr(validate_config, MARKER, True)
     config_module.validate_config = validate_config
     # verl.utils re-exports it; keep the two names the same function.
     utils_package = sys.modules.get("verl.utils")

@@ -6,41 +6,37 @@
 batch and the entropy from one of two side channels, because both trainers drop it before that point:
 
 - legacy ``RayPPOTrainer``: ``_compute_old_log_prob`` returns ``entropys``, which ``fit`` pops before
-  merging into the batch; the wrapper copies it to :data:`~cw_verl.verl_ep.ENTROPY_KEY` (set here),
+  merging into the batch; the wrapper copies it to :data:`~cw_verl.context.EP_ENTROPY_KEY` (set here),
   and ``compute_advantage`` pops that key again (read here), so it never reaches the actor.
 - v1 trainer (``trainer_base.PPOTrainer``): the old-log-prob pass stores ``entropy`` in TransferQueue, but
   ``_compute_advantage`` fetches a fixed field list without it. The wrapper fetches it for the same keys
-  and holds it in :data:`_V1_ENTROPY` for the duration of the call (set and read here only).
+  and holds it in :func:`cw_verl.context.current_ep_entropy` for the duration of the call (set and read here only).
 
 The estimator's diagnostics (``ep/*``, :func:`cw_verl.ep.ep_diagnostics`) reach the step's logged metrics
 through two more side channels, because a registered estimator returns only tensors and neither trainer
-hands ``compute_advantage`` its metrics dict:
+hands ``compute_advantage`` its metrics dict (both listed in :mod:`cw_verl.context`):
 
 - legacy: the wrapper stores them in the returned batch's ``meta_info[EP_METRICS_KEY]`` (set here); the
   wrapper of ``ray_trainer.compute_data_metrics``, which ``fit`` calls on the same batch after the update,
   pops them into its result (read here). Until then they travel with the batch as one small dict.
 - v1: ``PPOTrainer._compute_advantage`` receives the step's ``metrics`` dict; its wrapper holds a dict in
-  :data:`_V1_METRICS` for the duration of the call (set here), which the estimator's wrapper fills, and
-  merges it into ``metrics`` afterwards (read here).
+  :func:`cw_verl.context.current_ep_metrics` for the duration of the call (set here), which the estimator's
+  wrapper fills, and merges it into ``metrics`` afterwards (read here).
 
 Any other estimator goes through verl's functions untouched.
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import sys
 
+from cw_verl.context import EP_ENTROPY_KEY, EP_METRICS_KEY, current_ep_entropy, current_ep_metrics, ep_advantage_call
 from cw_verl.ep_config import EP_GRPO
 
-_PATCHED = "_cw_verl_ep_inputs"
+MARKER = "_cw_verl_ep_inputs"
 V1_UTILS = "verl.trainer.ppo.v1.utils"
-_V1_ENTROPY: contextvars.ContextVar = contextvars.ContextVar("cw_verl_ep_v1_entropy", default=None)
-_V1_METRICS: contextvars.ContextVar = contextvars.ContextVar("cw_verl_ep_v1_metrics", default=None)
-EP_METRICS_KEY = "ep_grpo_metrics"
-"""Legacy trainer: ``meta_info`` key carrying the step's ``ep/*`` diagnostics to ``compute_data_metrics``."""
 
 
 def _is_ep(adv_estimator) -> bool:
@@ -50,12 +46,12 @@ def _is_ep(adv_estimator) -> bool:
 def _ep_compute_advantage(data, config, norm_adv_by_std_in_grpo):
     from verl.trainer.ppo.ray_trainer import compute_response_mask
 
-    from cw_verl.verl_ep import ENTROPY_KEY, compute_ep_grpo_advantage
+    from cw_verl.verl_ep import compute_ep_grpo_advantage
 
     if "response_mask" not in data.batch.keys():
         data.batch["response_mask"] = compute_response_mask(data)
     batch = data.batch
-    entropy = batch.pop(ENTROPY_KEY) if ENTROPY_KEY in batch.keys() else _V1_ENTROPY.get()
+    entropy = batch.pop(EP_ENTROPY_KEY) if EP_ENTROPY_KEY in batch.keys() else current_ep_entropy()
     mask_shape = tuple(batch["response_mask"].shape)
     if entropy is not None and tuple(entropy.shape) != mask_shape:
         raise RuntimeError(f"ep_grpo: entropy has shape {tuple(entropy.shape)}, response_mask {mask_shape}")
@@ -74,7 +70,7 @@ def _ep_compute_advantage(data, config, norm_adv_by_std_in_grpo):
     batch["advantages"] = advantages
     batch["returns"] = returns
     data.meta_info[EP_METRICS_KEY] = metrics
-    v1_metrics = _V1_METRICS.get()
+    v1_metrics = current_ep_metrics()
     if v1_metrics is not None:
         v1_metrics.update(metrics)
     return data
@@ -91,7 +87,7 @@ def _wrap_compute_advantage(original):
         bound.apply_defaults()
         return _ep_compute_advantage(data, bound.arguments["config"], bound.arguments["norm_adv_by_std_in_grpo"])
 
-    setattr(compute_advantage, _PATCHED, original)
+    setattr(compute_advantage, MARKER, original)
     return compute_advantage
 
 
@@ -103,7 +99,7 @@ def _rebind_v1_utils(original, patched) -> None:
 
 def patch_ray_trainer(module) -> None:
     """Post-import hook for ``verl.trainer.ppo.ray_trainer``."""
-    if getattr(module.compute_advantage, _PATCHED, None) is not None:
+    if getattr(module.compute_advantage, MARKER, None) is not None:
         return
     original = module.compute_advantage
     module.compute_advantage = _wrap_compute_advantage(original)
@@ -134,10 +130,8 @@ def wrap_old_log_prob(original):
     def _compute_old_log_prob(self, batch, *args, **kwargs):
         result = original(self, batch, *args, **kwargs)
         if _is_ep(self.config.algorithm.adv_estimator):
-            from cw_verl.verl_ep import ENTROPY_KEY
-
             old_log_prob = result[0] if isinstance(result, tuple) else result
-            old_log_prob.batch[ENTROPY_KEY] = old_log_prob.batch["entropys"]
+            old_log_prob.batch[EP_ENTROPY_KEY] = old_log_prob.batch["entropys"]
         return result
 
     return _compute_old_log_prob
@@ -146,10 +140,10 @@ def wrap_old_log_prob(original):
 def patch_v1_trainer(module) -> None:
     """Post-import hook for ``verl.trainer.ppo.v1.trainer_base``."""
     trainer = module.PPOTrainer
-    if getattr(trainer._compute_advantage, _PATCHED, None) is not None:
+    if getattr(trainer._compute_advantage, MARKER, None) is not None:
         return
     ray_trainer = sys.modules["verl.trainer.ppo.ray_trainer"]
-    original = getattr(ray_trainer.compute_advantage, _PATCHED, None)
+    original = getattr(ray_trainer.compute_advantage, MARKER, None)
     if original is not None:
         _rebind_v1_utils(original, ray_trainer.compute_advantage)
     trainer._compute_advantage = wrap_v1_compute_advantage(trainer._compute_advantage, module)
@@ -157,8 +151,9 @@ def patch_v1_trainer(module) -> None:
 
 def wrap_v1_compute_advantage(original, trainer_module):
     """v1 ``PPOTrainer._compute_advantage(batch, metrics)``: for ``ep_grpo``, fetch the entropy the old-log-prob
-    pass stored in TransferQueue (``trainer_module.tq``) and hold it in :data:`_V1_ENTROPY` during the call;
-    collect the estimator's ``ep/*`` diagnostics in :data:`_V1_METRICS` and add them to the step's ``metrics``."""
+    pass stored in TransferQueue (``trainer_module.tq``) and hold it in
+    :func:`cw_verl.context.current_ep_entropy` during the call; collect the estimator's ``ep/*`` diagnostics in
+    :func:`cw_verl.context.current_ep_metrics` and add them to the step's ``metrics``."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -170,15 +165,10 @@ def wrap_v1_compute_advantage(original, trainer_module):
             keys=batch.keys, partition_id=batch.partition_id, select_fields=["entropy"]
         )
         ep_metrics: dict[str, float] = {}
-        entropy_token = _V1_ENTROPY.set(fetched.to_padded_tensor()["entropy"])
-        metrics_token = _V1_METRICS.set(ep_metrics)
-        try:
+        with ep_advantage_call(fetched.to_padded_tensor()["entropy"], ep_metrics):
             result = original(self, batch, *args, **kwargs)
-        finally:
-            _V1_METRICS.reset(metrics_token)
-            _V1_ENTROPY.reset(entropy_token)
         step_metrics.update(ep_metrics)
         return result
 
-    setattr(_compute_advantage, _PATCHED, original)
+    setattr(_compute_advantage, MARKER, original)
     return _compute_advantage

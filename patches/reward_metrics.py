@@ -17,7 +17,7 @@ import math
 
 from omegaconf import OmegaConf
 
-_PATCHED = "_cw_verl_reward_metrics"
+MARKER = "_cw_verl_reward_metrics"
 CW_VERL_REWARDS = ("pkg://cw_verl.paper.reward", "pkg://cw_verl.paper.authors_reward")
 
 
@@ -42,7 +42,7 @@ def reward_rates(extra_fields: list) -> dict[str, float]:
 def patch(trainer_base_module) -> None:
     """Post-import hook for ``verl.trainer.ppo.v1.trainer_base``."""
     trainer_cls = trainer_base_module.PPOTrainer
-    if getattr(trainer_cls._compute_metrics, _PATCHED, False):
+    if getattr(trainer_cls._compute_metrics, MARKER, False):
         return
     original = trainer_cls._compute_metrics
 
@@ -57,5 +57,5 @@ def patch(trainer_base_module) -> None:
             metrics.update(reward_rates(data.pop("extra_fields").tolist()))  # as verl reads it
         return result
 
-    setattr(_compute_metrics, _PATCHED, True)
+    setattr(_compute_metrics, MARKER, True)
     trainer_cls._compute_metrics = _compute_metrics

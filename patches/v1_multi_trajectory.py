@@ -13,13 +13,13 @@ import functools
 
 from cw_verl.verl_losses import CW_GRPO
 
-_PATCHED = "_cw_verl_multi_trajectory"
+MARKER = "_cw_verl_multi_trajectory"
 
 
 def patch(utils_module) -> None:
     """Post-import hook for ``verl.trainer.ppo.v1.utils``."""
     original = utils_module.compute_advantage_for_multi_trajectories
-    if getattr(original, _PATCHED, False):
+    if getattr(original, MARKER, False):
         return
     from verl.trainer.ppo.core_algos import AdvantageEstimator
 
@@ -29,5 +29,5 @@ def patch(utils_module) -> None:
             adv_estimator = AdvantageEstimator.GRPO
         return original(data, batch_keys, adv_estimator, *args, **kwargs)
 
-    setattr(compute_advantage_for_multi_trajectories, _PATCHED, True)
+    setattr(compute_advantage_for_multi_trajectories, MARKER, True)
     utils_module.compute_advantage_for_multi_trajectories = compute_advantage_for_multi_trajectories

@@ -16,7 +16,7 @@ import functools
 
 from cw_verl.whole_groups import group_partitions, needs_whole_groups
 
-_PATCHED = "_cw_verl_whole_groups"
+MARKER = "_cw_verl_whole_groups"
 
 
 def balance_whole_groups(trainer, batch, metrics: dict, logging_prefix: str):
@@ -41,7 +41,7 @@ def balance_whole_groups(trainer, batch, metrics: dict, logging_prefix: str):
 def patch(trainer_base_module) -> None:
     """Post-import hook for ``verl.trainer.ppo.v1.trainer_base``."""
     trainer_cls = trainer_base_module.PPOTrainer
-    if getattr(trainer_cls._balance_batch, _PATCHED, False):
+    if getattr(trainer_cls._balance_batch, MARKER, False):
         return
     original_balance, original_update = trainer_cls._balance_batch, trainer_cls._update_actor
 
@@ -58,5 +58,5 @@ def patch(trainer_base_module) -> None:
         return original_update(self, batch, metrics)
 
     for method in (_balance_batch, _update_actor):
-        setattr(method, _PATCHED, True)
+        setattr(method, MARKER, True)
     trainer_cls._balance_batch, trainer_cls._update_actor = _balance_batch, _update_actor

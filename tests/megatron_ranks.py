@@ -3,7 +3,7 @@
 import torch
 import torch.distributed as dist
 
-from cw_verl.demo.megatron_study import LAYOUTS, layout_run
+from tests.support.megatron_study import LAYOUTS, layout_run
 
 
 def layouts_and_a_wrong_group(rank, world_size, model_path, batch_path, plan, wrong_group_layout):

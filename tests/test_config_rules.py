@@ -11,16 +11,9 @@ import verl  # noqa: F401
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cw_verl.config_rules import (
-    CONFIG_RULES,
-    LOSS_MODE_KEY,
-    ConfigConflictError,
-    Launch,
-    apply_config_rules,
-    config_rule,
-    launch_of,
-    verl_default_loss_mode,
-)
+from cw_verl import config_rules
+from cw_verl.config_rules import CONFIG_RULES, ConfigConflictError, Launch, apply_config_rules, launch_of
+from cw_verl.verl_config import LOSS_MODE_KEY, verl_default_loss_mode
 
 VERL_CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
 SYNC = Launch("main_ppo (v1 sync)", None)
@@ -108,18 +101,17 @@ def test_fully_async_updates_hold_require_batches_mini_batches():
         apply_config_rules(config, launch_of(config, "FullyAsyncTaskRunner"))
 
 
-def test_a_new_rule_is_one_decorator():
+def test_the_rules_run_in_table_order_and_a_new_rule_is_one_entry(monkeypatch):
     seen = []
 
-    @config_rule
     def record(config, launch):
-        seen.append((config.algorithm.adv_estimator, launch.entry_point))
+        seen.append((config.actor_rollout_ref.actor.policy_loss.loss_mode, launch.entry_point))
 
-    try:
-        apply_config_rules(verl_config("algorithm.adv_estimator=grpo"), SYNC)
-    finally:
-        CONFIG_RULES.remove(record)
-    assert seen == [("grpo", "main_ppo (v1 sync)")]
+    # The loss-mode rule comes first, so that a rule after it sees the resolved loss mode.
+    assert CONFIG_RULES[0] is config_rules.loss_mode_follows_estimator
+    monkeypatch.setattr(config_rules, "CONFIG_RULES", (*CONFIG_RULES, record))
+    apply_config_rules(verl_config("algorithm.adv_estimator=cw_grpo"), SYNC)
+    assert seen == [("cw_grpo", "main_ppo (v1 sync)")]
 
 
 def test_task_runner_classes_are_recognised_through_ray_and_subclassing():

@@ -18,14 +18,14 @@ def cw_step(local, dp_size, group, loss_agg_mode, dtype):
     import verl  # noqa: F401  (loads the cw_verl plugin)
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-    from cw_verl.distributed import data_parallel_group
+    from cw_verl.context import loss_call
 
     full = global_batch(dtype)
     model = make_policy(dtype)
     log_prob = log_probs(model, local["features"], local["tokens"])
     config = actor_config(loss_agg_mode)
     config.global_batch_info.update(global_batch_info(full, dp_size))
-    with data_parallel_group(group):
+    with loss_call(group):
         loss, metrics = get_policy_loss_fn("cw_grpo_microbatch")(
             old_log_prob=local["old_log_prob"],
             log_prob=log_prob,

@@ -74,7 +74,7 @@ def ep_advantages(batch, inputs):
     from omegaconf import OmegaConf
     from verl.trainer.ppo.ray_trainer import compute_advantage
 
-    from cw_verl.verl_ep import ENTROPY_KEY
+    from cw_verl.context import EP_ENTROPY_KEY as ENTROPY_KEY
 
     data = batch.select(batch_keys=["token_level_rewards", "response_mask"], non_tensor_batch_keys=["uid"])
     data.batch["old_log_probs"] = inputs["old_log_probs"]

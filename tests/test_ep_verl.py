@@ -22,9 +22,11 @@ from verl.trainer.ppo import core_algos, ray_trainer
 from verl.trainer.ppo.v1 import trainer_base
 from verl.trainer.ppo.v1 import utils as v1_utils
 
+from cw_verl import context
+from cw_verl.context import EP_ENTROPY_KEY as ENTROPY_KEY
 from cw_verl.ep import EPConfig, ep_diagnostics, ep_token_advantages
 from cw_verl.ep_config import EPConfigError, check_ep_grpo, ep_config_from_algorithm
-from cw_verl.verl_ep import ENTROPY_KEY, compute_ep_grpo_advantage
+from cw_verl.verl_ep import compute_ep_grpo_advantage
 
 VERL_DIR = os.path.dirname(verl.__file__)
 VERL_CONFIG_DIR = os.path.join(VERL_DIR, "trainer", "config")
@@ -158,7 +160,7 @@ def test_v1_path_fetches_entropy_from_transfer_queue():
     out = wrapped(trainer, SimpleNamespace(keys=["k"] * len(data), partition_id="train"), metrics=step_metrics)
     torch.testing.assert_close(out.batch["advantages"], expected, rtol=1e-6, atol=1e-6)
     assert calls == [(["k"] * len(data), "train", ["entropy"])]
-    assert ep_inputs._V1_ENTROPY.get() is None and ep_inputs._V1_METRICS.get() is None
+    assert context.current_ep_entropy() is None and context.current_ep_metrics() is None
     # the diagnostics reach the step's metrics dict (verl passes it positionally too)
     data.batch[ENTROPY_KEY] = entropy
     assert step_metrics == {"training/global_step": 1, **expected_diagnostics(data)}
@@ -244,7 +246,7 @@ def test_verl_legacy_fit_logs_compute_data_metrics_of_the_updated_batch():
 
 
 def test_verl_v1_step_passes_its_metrics_dict_to_compute_advantage():
-    original = getattr(trainer_base.PPOTrainer._compute_advantage, ep_inputs._PATCHED)
+    original = getattr(trainer_base.PPOTrainer._compute_advantage, ep_inputs.MARKER)
     assert list(inspect.signature(original).parameters) == ["self", "batch", "metrics"]
     assert "self._compute_advantage(batch, metrics=metrics)" in inspect.getsource(trainer_base.PPOTrainer._step_once)
     step = inspect.getsource(trainer_base.PPOTrainer.step)  # each iteration's metrics are aggregated into the step's
@@ -255,7 +257,7 @@ def test_verl_v1_step_passes_its_metrics_dict_to_compute_advantage():
 
 
 def test_verl_compute_advantage_signature_and_generic_branch():
-    original = getattr(ray_trainer.compute_advantage, ep_inputs._PATCHED)
+    original = getattr(ray_trainer.compute_advantage, ep_inputs.MARKER)
     params = list(inspect.signature(original).parameters)
     assert params == ["data", "adv_estimator", "gamma", "lam", "num_repeat", "norm_adv_by_std_in_grpo", "config"]
     source = inspect.getsource(original)
@@ -273,7 +275,7 @@ def test_verl_legacy_fit_pops_the_entropy_before_compute_advantage():
 
 
 def test_verl_v1_trainer_stores_entropy_but_does_not_fetch_it_for_the_advantage():
-    original = getattr(trainer_base.PPOTrainer._compute_advantage, ep_inputs._PATCHED)
+    original = getattr(trainer_base.PPOTrainer._compute_advantage, ep_inputs.MARKER)
     source = inspect.getsource(original)
     fields = re.search(r"fields = \[(.*?)\]", source).group(1)
     assert '"entropy"' not in fields and '"ref_log_prob"' in fields and '"old_log_probs"' in fields

@@ -23,7 +23,10 @@ import torch
 
 from cw_verl.cpu.launch import run_ranks
 from cw_verl.cpu.tiny_model import TinyModelSpec
-from cw_verl.demo.megatron_study import (
+from cw_verl.demo.task import ReversalTask
+from cw_verl.demo.warmstart import WarmStart, build_demo_model
+from tests.megatron_ranks import layouts_and_a_wrong_group
+from tests.support.megatron_study import (
     LAYOUTS,
     MICRO_BATCH,
     REFERENCE_MICRO_BATCH,
@@ -33,9 +36,6 @@ from cw_verl.demo.megatron_study import (
     layout_variants,
     reference_run,
 )
-from cw_verl.demo.task import ReversalTask
-from cw_verl.demo.warmstart import WarmStart, build_demo_model
-from tests.megatron_ranks import layouts_and_a_wrong_group
 
 PROMPTS, GROUP_SIZE = 4, 4  # 16 sequences
 LOSSES = ["vanilla", "cw_grpo", "cw_grpo_group", "cw_grpo_microbatch"]

@@ -66,9 +66,9 @@ def test_ppo_loss_still_does_not_forward_dp_group_to_the_policy_loss():
 def test_the_policy_loss_signature_is_what_cw_grpo_implements():
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
 
-    from cw_verl.verl_losses import POLICY_LOSSES
+    from cw_verl.registry import CW_POLICY_LOSSES, OTHER_POLICY_LOSSES
 
-    for policy_loss in POLICY_LOSSES.values():
+    for policy_loss, _ in {**CW_POLICY_LOSSES, **OTHER_POLICY_LOSSES}.values():
         assert list(inspect.signature(compute_policy_loss_vanilla).parameters) == list(
             inspect.signature(policy_loss).parameters
         )

@@ -108,7 +108,7 @@ def loss_calls_with_one_bad_micro_batch(rank, world_size, loss_mode, bad_rank, b
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
     from verl.utils import tensordict_utils as tu
 
-    from cw_verl.distributed import loss_call, train_batch_call
+    from cw_verl.context import loss_call, train_batch_call
     from tests.fake_engine import rank_rows, trainer_batch
     from tests.toy_policy import actor_config
 
@@ -173,7 +173,7 @@ def test_a_first_call_holding_the_whole_mini_batch_reuses_the_statistics_pass(lo
     from verl.utils import tensordict_utils as tu
 
     from cw_verl import verl_losses
-    from cw_verl.distributed import loss_call, train_batch_call
+    from cw_verl.context import loss_call, train_batch_call
     from tests.toy_policy import actor_config, global_batch
 
     batch = global_batch(torch.float64)
@@ -184,7 +184,8 @@ def test_a_first_call_holding_the_whole_mini_batch_reuses_the_statistics_pass(lo
     original = verl_losses.token_weights
     monkeypatch.setattr(verl_losses, "token_weights", lambda *a, **k: calls.append(1) or original(*a, **k))
     observed = []
-    monkeypatch.setattr(verl_losses, "weight_observers", [lambda _, __, w: observed.append(w)])
+    reweighted = verl_losses.reweighted_advantages
+    monkeypatch.setattr(verl_losses, "reweighted_advantages", lambda w, a: observed.append(w) or reweighted(w, a))
 
     def one_call(advantages):
         micro_batch = tu.get_tensordict({**fields, "advantages": advantages, "uid": uids})

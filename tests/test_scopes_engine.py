@@ -5,12 +5,12 @@ micro-batch size, dynamic batch size and DP size; the per-call scope does not.""
 import pytest
 import torch
 
-from cw_verl.cpu.studies import Variant, updates_per_variant
 from cw_verl.cpu.tiny_model import TinyModelSpec
-from cw_verl.demo.batch import save_shared_batch
 from cw_verl.demo.task import ReversalTask
 from cw_verl.demo.warmstart import WarmStart, build_demo_model
 from tests.ranks import run_on_ranks
+from tests.support.batch import save_shared_batch
+from tests.support.studies import Variant, updates_per_variant
 
 PROMPTS, GROUP_SIZE = 4, 4  # 16 sequences
 INVARIANT = ["cw_grpo_minibatch", "cw_grpo_group"]

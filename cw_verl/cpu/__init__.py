@@ -8,7 +8,6 @@ otherwise; :mod:`cw_verl.cpu.supervise` bounds a run's waits and ends all its pr
 :mod:`cw_verl.cpu.sampler` is verl's replay buffer with a short poll for tiny runs. Without Ray,
 :mod:`cw_verl.cpu.harness` builds verl's actor worker (FSDP2 or Megatron) and drives it the way verl's
 trainer does and :mod:`cw_verl.cpu.launch` starts the gloo ranks; :mod:`cw_verl.cpu.tiny_model` builds a
-tiny Llama and a character tokenizer locally; :mod:`cw_verl.cpu.studies` holds the measurements the
-tests and benchmarks share (on a saved batch: this package does not import the demo). None of this is
-used on a GPU cluster.
+tiny Llama and a character tokenizer locally. It is switched on by its own ``verl.plugins`` entry point
+(:mod:`cw_verl.cpu.verl_plugin`), so the core never imports it. None of this is used on a GPU cluster.
 """

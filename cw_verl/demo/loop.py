@@ -207,13 +207,13 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
                 ).item()
                 metrics.update(calculate_debug_metrics(batch))
                 if reference is not None:
-                    from cw_verl.verl_ep import ENTROPY_KEY
+                    from cw_verl.context import EP_ENTROPY_KEY
 
                     with simple_timer("ref", timing):
                         ref_log_probs, _ = harness.compute_log_prob(reference, harness.dp_chunk(batch))
                     batch.batch["ref_log_prob"] = harness.all_gather_rows(ref_log_probs)
                     # what cw_verl's ep_inputs patch does in verl's legacy trainer (its fit pops "entropys")
-                    batch.batch[ENTROPY_KEY] = batch.batch["entropys"]
+                    batch.batch[EP_ENTROPY_KEY] = batch.batch["entropys"]
 
                 with simple_timer("adv", timing):
                     batch = compute_advantage(

@@ -25,14 +25,18 @@ def progress_coordinate(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     Returns:
         ``[B, T]`` float64 in (0, 1] on valid tokens, 0 elsewhere.
     """
+    return torch.where(mask, _scaled_progress(entropy, mask, 1.0), 0.0)
+
+
+def _scaled_progress(entropy: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * tau`` on valid tokens (``[B, T]`` float64), the product formed before the division."""
     h = torch.where(mask, entropy.to(F64), 0.0)
     cumulative = h.cumsum(dim=-1)
     total = cumulative[:, -1:]
     count = mask.to(F64).cumsum(dim=-1)
-    by_position = count / count[:, -1:].clamp(min=1.0)
-    by_entropy = cumulative / torch.where(total > 0, total, 1.0)
-    tau = torch.where(total > 0, by_entropy, by_position)
-    return torch.where(mask, tau, 0.0)
+    by_entropy = scale * cumulative / torch.where(total > 0, total, 1.0)
+    by_position = scale * count / count[:, -1:].clamp(min=1.0)
+    return torch.where(total > 0, by_entropy, by_position)
 
 
 def bucket_index(entropy: torch.Tensor, mask: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -49,15 +53,7 @@ def bucket_index(entropy: torch.Tensor, mask: torch.Tensor, num_buckets: int) ->
     Returns:
         ``[B, T]`` int64, -1 on invalid tokens.
     """
-    h = torch.where(mask, entropy.to(F64), 0.0)
-    cumulative = h.cumsum(dim=-1)
-    total = cumulative[:, -1:]
-    count = mask.to(F64).cumsum(dim=-1)
-    scaled = torch.where(
-        total > 0,
-        num_buckets * cumulative / torch.where(total > 0, total, 1.0),
-        num_buckets * count / count[:, -1:].clamp(min=1.0),
-    )
+    scaled = _scaled_progress(entropy, mask, float(num_buckets))
     index = (torch.ceil(scaled) - 1).clamp(0, num_buckets - 1).to(torch.int64)
     return torch.where(mask, index, -1)
 

@@ -30,7 +30,7 @@ def one_update_per_loss_mode(
     """
     call_overrides = call_overrides or {}
     from cw_verl.cpu import harness
-    from cw_verl.demo.batch import shared_batch
+    from tests.support.batch import shared_batch
 
     watched = sorted(set(loss_modes) | {"vanilla"})
     batch = None

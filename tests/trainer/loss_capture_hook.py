@@ -32,7 +32,7 @@ if os.environ.get("CW_VERL_TEST_CAPTURE_DIR"):
 
             def recorded(**kwargs):
                 loss, metrics = policy_loss(**kwargs)
-                from cw_verl.distributed import current_loss_call, current_train_batch
+                from cw_verl.context import current_loss_call, current_train_batch
                 from cw_verl.verl_losses import _padded, _row_uids
 
                 train, call = current_train_batch(), current_loss_call()

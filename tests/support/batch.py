@@ -1,7 +1,7 @@
 """One RL batch sampled with the demo's pipeline, saved for studies that update on the very same batch
-(``cw_verl.cpu.studies``, ``tests/test_scopes_engine.py``, ``benchmarks/``).
+(``tests.support.studies``, ``tests/test_scopes_engine.py``, ``benchmarks/``).
 
-It lives with the demo because it uses the demo's task and rollout; ``cw_verl.cpu`` does not import the demo.
+A test and benchmark aid (not part of the package): it uses the demo's task and rollout.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ computed by a one-process Megatron actor (as the trainer recomputes them with th
 saves it, and makes the reference updates; :func:`layout_run` makes the same updates under each layout of
 a launch (every layout of one world size shares the launch: megatron's process groups are rebuilt between
 layouts). Every update starts from the same checkpoint, on the same batch, through
-:func:`cw_verl.cpu.studies.updates_per_variant` (``TrainingWorker.train_mini_batch`` -> Megatron engine ->
+:func:`tests.support.studies.updates_per_variant` (``TrainingWorker.train_mini_batch`` -> Megatron engine ->
 megatron's schedule -> ``ppo_loss`` -> the registered policy loss). :func:`deviations` compares a layout's
 updates with the reference's.
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from cw_verl.cpu.studies import Variant, updates_per_variant
-from cw_verl.demo.batch import shared_batch
+from tests.support.batch import shared_batch
+from tests.support.studies import Variant, updates_per_variant
 
 MEGATRON = {"strategy": "megatron"}
 # Named layouts: ActorSetup keys; the data-parallel size is what the launch's world size leaves.

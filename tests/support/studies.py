@@ -1,7 +1,10 @@
 """How one actor update depends on micro-batching, on verl's real actor path (a test and benchmark aid).
 
+It observes the weights from the outside: :func:`recorded_weights` wraps two functions of
+:mod:`cw_verl.verl_losses` for the duration of an update; the product code has no hook for it.
+
 :func:`updates_per_variant` runs in every rank of a gloo group (:func:`cw_verl.cpu.launch.run_ranks`):
-it loads one saved RL batch (e.g. :func:`cw_verl.demo.batch.save_shared_batch`: the demo's rollout,
+it loads one saved RL batch (e.g. :func:`tests.support.batch.save_shared_batch`: the demo's rollout,
 exact-match reward, verl's old log-probs, GRPO advantages, the prompts' ``uid``), then for each
 :class:`Variant` builds a fresh actor from the same checkpoint, makes one update through
 ``TrainingWorker.train_mini_batch`` (verl's FSDP2 engine, micro-batching, ``ppo_loss`` and the registered
@@ -42,21 +45,36 @@ class Variant:
 @contextmanager
 def recorded_weights():
     """Record ``(row ids, response mask, weights)`` of every CW-GRPO loss call in this rank (``ROW_ID`` of the
-    micro-batch's rows, its ``[b, T]`` response mask and the ``[b, T]`` weights the call applied)."""
+    micro-batch's rows, its ``[b, T]`` response mask and the ``[b, T]`` weights the call applied).
+
+    Wraps :func:`cw_verl.verl_losses.reweighted_advantages` (which sees the weights) and
+    :func:`cw_verl.verl_losses.verl_ppo_loss` (which the same call then hands its response mask).
+    """
+    from unittest import mock
+
     from verl.utils import tensordict_utils as tu
 
     from cw_verl import verl_losses
+    from cw_verl.context import current_loss_call
 
-    calls = []
+    calls, pending = [], []
+    reweighted, ppo_loss = verl_losses.reweighted_advantages, verl_losses.verl_ppo_loss
 
-    def record(micro_batch, response_mask, weights):
-        calls.append((list(tu.get(micro_batch, ROW_ID)), response_mask.detach().clone(), weights.detach().clone()))
+    def recording_reweighted(weights, advantages):
+        pending.append(weights.detach().clone())
+        return reweighted(weights, advantages)
 
-    verl_losses.weight_observers.append(record)
-    try:
+    def recording_ppo_loss(old_log_prob, log_prob, weighted, response_mask, *args):
+        if pending:  # a cw_grpo* call (cw_grpo_authors reweights inside its own loss)
+            micro_batch = current_loss_call().micro_batch
+            calls.append((list(tu.get(micro_batch, ROW_ID)), response_mask.detach().clone(), pending.pop()))
+        return ppo_loss(old_log_prob, log_prob, weighted, response_mask, *args)
+
+    with (
+        mock.patch.object(verl_losses, "reweighted_advantages", recording_reweighted),
+        mock.patch.object(verl_losses, "verl_ppo_loss", recording_ppo_loss),
+    ):
         yield calls
-    finally:
-        verl_losses.weight_observers.remove(record)
 
 
 def _weights_by_row(calls, batch) -> torch.Tensor:
@@ -83,8 +101,8 @@ def updates_per_variant(
     ``actor/*`` metrics (identical on all ranks; ``weights`` is None for losses without them), and this rank's
     CW-GRPO loss calls (their number, and the valid tokens each one saw). ``layout``: further
     :class:`~cw_verl.cpu.harness.ActorSetup` keys (e.g. the Megatron engine and its parallel sizes)."""
-    from cw_verl import verl_losses
     from cw_verl.cpu import harness
+    from cw_verl.registry import CW_POLICY_LOSSES
 
     batch = torch.load(batch_path, weights_only=False)
     batch.non_tensor_batch[ROW_ID] = np.arange(len(batch), dtype=object)
@@ -115,7 +133,7 @@ def updates_per_variant(
         after = harness.full_state_dict(actor)
         delta = torch.cat([(after[name] - before[name]).flatten().double() for name in sorted(before)])
         weights = None
-        if variant.loss_mode in verl_losses.POLICY_LOSSES:
+        if variant.loss_mode in CW_POLICY_LOSSES:
             # Megatron's pipeline stages before the last make no loss call: placeholder rows, never read.
             own = _weights_by_row(calls, local) if calls else torch.ones(local.batch["old_log_probs"].shape)
             weights = harness.from_output_rank(actor, harness.actor_gather_rows(actor, own.double()))
