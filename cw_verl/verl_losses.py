@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +53,6 @@ from cw_verl.weights import (
     ScopeStatistics,
     WeighedTokens,
     check_inputs,
-    float_mask,
     raise_for_bad_input,
     scope_statistics,
     token_weights,
@@ -124,9 +124,7 @@ def _scope_metrics(stats: ScopeStatistics, tokens: WeighedTokens | None) -> torc
         return torch.cat([summary, torch.zeros(len(RANK_METRICS), dtype=torch.float64, device=summary.device)])
     count = tokens.valid.sum()
     safe = count.clamp(min=1.0)
-    # Positions outside the statistics weigh exactly 0, so they are all "below one half". sign(0.5 - w)
-    # clamped at 0 counts w < 0.5 without a comparison pass (ten times slower on a CPU).
-    below_half = torch.rsub(tokens.weights, 0.5).sign_().clamp_(min=0.0).sum() - (tokens.valid.numel() - count)
+    below_half = ((tokens.weights < 0.5) & tokens.valid.bool()).sum()
     rank = torch.stack([tokens.weights.sum() / safe, below_half / safe]).to(torch.float64)
     rank = torch.where(count > 0, rank, torch.tensor([1.0, 0.0], dtype=torch.float64, device=rank.device))
     percentiles = order_statistics(tokens.cov, tokens.valid, count).to(summary.device)
@@ -320,65 +318,87 @@ def cw_grpo_policy_loss(
         raise ValueError("cw_grpo needs the actor config (clip ratios, global_batch_info)")
     batch_info = getattr(config, "global_batch_info", None) or {}
     group = resolve_data_parallel_group(batch_info.get("dp_size"))
-    # The per-call scope weighs with the current log-probs, the wider scopes with the batch's old ones.
-    scope_log_prob = log_prob if scope == MICROBATCH else old_log_prob
-    problem = _call_problem(scope_log_prob, old_log_prob, log_prob, advantages, response_mask)
-    device = log_prob.device if isinstance(log_prob, torch.Tensor) else torch.device("cpu")
-    metric_count = len(SCOPE_METRICS) + len(RANK_METRICS)
-    slots = None
     if scope == MICROBATCH:
-        # This call's statistics: every rank's input check rides in their rounds.
-        stats, tokens = scope_statistics(
-            scope_log_prob, advantages, response_mask, group_gather(group), problem=problem
-        )
-        checks = torch.cat([_scope_metrics(stats, tokens), stats.status.flatten()])
-        if tokens is None:
-            raise_for_bad_input(np.asarray(checks.tolist()[metric_count:]).reshape(-1, 3), stats.local_problem)
-    else:
-        call_shape = None if problem is not None else response_mask.shape
-        scoped = mini_batch_statistics(scope, group, config, device, call_shape)
-        stats, metrics = scoped.stats, dict(scoped.metrics)
-        flag = torch.zeros(1, dtype=torch.float64, device=device)
-        if problem is None and scope == GROUP:
-            call = current_loss_call()
-            uids = row_uids(call.micro_batch if call else None)
-            if uids is None:
-                problem = NO_UID
-            else:
-                keys = uid_keys(uids).to(device, non_blocking=True)
-                slots = stats.slots_of(keys).clamp(max=len(stats.keys) - 1)  # [B]: each row's segment
-                flag = (stats.keys[slots] != keys).any().to(torch.float64)[None]
-        if problem is not None:
-            flag = torch.ones(1, dtype=torch.float64, device=device)
-        # One one-element all-gather per call, so that a bad micro-batch on one rank stops every rank here.
-        checks = group_gather(group)(flag).flatten() if group is not None else flag
-        if problem is not None:
-            raise_together(checks.tolist(), problem, CovarianceInputError, group, UNCOVERED)
-
-    mask = float_mask(response_mask, torch.promote_types(log_prob.dtype, torch.float32))
-    if scope == MICROBATCH:
-        weights = tokens.weights
+        call = _call_scope_weights(old_log_prob, log_prob, advantages, response_mask, group)
         # The tokens left out of the statistics (non-finite log-prob) weigh 0; keep their PPO term finite.
         log_prob = torch.nan_to_num(log_prob, nan=0.0, posinf=0.0, neginf=0.0)
     else:
-        # The first call of a mini-batch may be the whole mini-batch (one micro-batch per update).
-        first = current_train_batch().first_call_weights.pop(scope, None)
-        weights = None if first is None else first.weights_for(old_log_prob, advantages, response_mask, slots)
-        if weights is None:
-            weights = token_weights(stats, old_log_prob, advantages, slots) * mask
-    weighted = reweighted_advantages(weights, advantages)
+        call = _mini_batch_scope_weights(scope, old_log_prob, log_prob, advantages, response_mask, config, group)
+    weighted = reweighted_advantages(call.weights, advantages)
     old_log_prob = torch.nan_to_num(old_log_prob, nan=0.0, posinf=0.0, neginf=0.0)
     loss, pg_metrics = verl_ppo_loss(
         old_log_prob, log_prob, weighted.to(advantages.dtype), response_mask, loss_agg_mode, config, rollout_is_weights
     )
-    rest = checks.to(device, torch.float64).tolist()
-    if scope == MICROBATCH:
-        raise_for_bad_input(np.asarray(rest[metric_count:]).reshape(-1, 3), None, tokens=(advantages, response_mask))
-        metrics = _metrics_dict(rest[:metric_count])
-    else:
-        raise_together(rest, None, CovarianceInputError, group, UNCOVERED)
+    # The call's one read to the host, after the loss is queued: every rank's checks, and the metrics.
+    metrics = call.finish(call.checks.to(torch.float64).tolist())
     metrics.update(pg_metrics)
     return loss, metrics
+
+
+@dataclass(frozen=True)
+class _CallWeights:
+    """One loss call's weights ``[B, T]`` (``w~``, 0 outside the statistics), its checks on the device, and
+    ``finish(checks read to the host)``, which raises on every rank if any rank's check failed and otherwise
+    returns the ``actor/cw/*`` metrics."""
+
+    weights: torch.Tensor
+    checks: torch.Tensor
+    finish: Callable[[list[float]], dict[str, float]]
+
+
+def _call_scope_weights(old_log_prob, log_prob, advantages, response_mask, group) -> _CallWeights:
+    """``cw_grpo_microbatch``: this call's statistics, from the current log-probs, over the DP group; every
+    rank's input check rides in their rounds."""
+    problem = _call_problem(log_prob, old_log_prob, log_prob, advantages, response_mask)
+    stats, tokens = scope_statistics(log_prob, advantages, response_mask, group_gather(group), problem=problem)
+    metric_count = len(SCOPE_METRICS) + len(RANK_METRICS)
+    checks = torch.cat([_scope_metrics(stats, tokens), stats.status.flatten()])
+    if tokens is None:
+        raise_for_bad_input(np.asarray(checks.tolist()[metric_count:]).reshape(-1, 3), stats.local_problem)
+
+    def finish(values: list[float]) -> dict[str, float]:
+        raise_for_bad_input(np.asarray(values[metric_count:]).reshape(-1, 3), None, tokens=(advantages, response_mask))
+        return _metrics_dict(values[:metric_count])
+
+    return _CallWeights(tokens.weights, checks, finish)
+
+
+def _mini_batch_scope_weights(scope, old_log_prob, log_prob, advantages, response_mask, config, group) -> _CallWeights:
+    """``cw_grpo_minibatch``/``cw_grpo_group``: the weights from the mini-batch's statistics (computed on its
+    first call, from ``old_log_probs``); one one-element all-gather per call, so that a bad micro-batch on one
+    rank stops every rank here."""
+    problem = _call_problem(old_log_prob, old_log_prob, log_prob, advantages, response_mask)
+    device = log_prob.device if isinstance(log_prob, torch.Tensor) else torch.device("cpu")
+    call_shape = None if problem is not None else response_mask.shape
+    scoped = mini_batch_statistics(scope, group, config, device, call_shape)
+    stats, slots = scoped.stats, None
+    flag = torch.zeros(1, dtype=torch.float64, device=device)
+    if problem is None and scope == GROUP:
+        call = current_loss_call()
+        uids = row_uids(call.micro_batch if call else None)
+        if uids is None:
+            problem = NO_UID
+        else:
+            keys = uid_keys(uids).to(device, non_blocking=True)
+            slots = stats.slots_of(keys).clamp(max=len(stats.keys) - 1)  # [B]: each row's segment
+            flag = (stats.keys[slots] != keys).any().to(torch.float64)[None]
+    if problem is not None:
+        flag = torch.ones(1, dtype=torch.float64, device=device)
+    checks = group_gather(group)(flag).flatten() if group is not None else flag
+    if problem is not None:
+        raise_together(checks.tolist(), problem, CovarianceInputError, group, UNCOVERED)
+    # The first call of a mini-batch may be the whole mini-batch (one micro-batch per update).
+    first = current_train_batch().first_call_weights.pop(scope, None)
+    weights = None if first is None else first.weights_for(old_log_prob, advantages, response_mask, slots)
+    if weights is None:
+        mask = response_mask.to(torch.promote_types(log_prob.dtype, torch.float32))
+        weights = token_weights(stats, old_log_prob, advantages, slots) * mask
+
+    def finish(values: list[float]) -> dict[str, float]:
+        raise_together(values, None, CovarianceInputError, group, UNCOVERED)
+        return dict(scoped.metrics)
+
+    return _CallWeights(weights, checks, finish)
 
 
 def reweighted_advantages(weights: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:

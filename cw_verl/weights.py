@@ -59,7 +59,6 @@ FLOOR_ULPS = 64.0
 (``eps`` of the compute precision) is rounding noise of the computed ``c`` (each is exact to about ``eps``
 times that sum) and counts as 0."""
 _NO_KEY = torch.iinfo(torch.int64).max  # sorts after every key: the slots of the stack that hold no segment
-_BIG = 1e18  # added to |c| at invalid positions so that they never win a min (its square fits float32)
 
 
 def kernel_limit(dtype: torch.dtype) -> float:
@@ -79,14 +78,6 @@ class CovarianceInputError(ValueError):
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Precision of the per-token arithmetic: the input's, at least float32."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``mask`` as 0/1 in ``dtype``. A bool mask converts through its bytes (bool holds 0/1 in one byte):
-    torch's bool -> float conversion on a CPU is ~6x slower than uint8 -> float."""
-    if mask.dtype == torch.bool:
-        return mask.view(torch.uint8).to(dtype)
-    return mask.to(dtype)
 
 
 def check_inputs(log_prob, advantages, mask) -> str | None:
@@ -235,6 +226,10 @@ class _Merge:
     sums: torch.Tensor  # [G, 8] ROWS..SUM_AA summed per slot
     status: torch.Tensor  # [R, 3]
 
+    def total(self, column: int) -> torch.Tensor:
+        """``[G]`` the round-1 ``column`` (:data:`N`, :data:`SUM_L`, ...) summed per slot."""
+        return self.sums[:, column - ROWS]
+
     def add(self, entries: torch.Tensor) -> torch.Tensor:
         """Sum ``[R, capacity, k]`` per-entry values into ``[G, k]`` slots (:func:`_sum_by_rank`)."""
         return _sum_by_rank(
@@ -319,18 +314,15 @@ def scope_statistics(
         stats = _finish(merge, gather(_empty_round2(capacity, device)), None, problem)
         return _normalise(stats, merge, gather(torch.zeros(capacity, 1, dtype=F64, device=device))), None
 
-    # Round 1: counts and sums of each row's valid tokens. Every per-token step is arithmetic: on a CPU a
-    # boolean pass (where, comparisons) costs ten arithmetic ones, and on a GPU nothing here syncs.
+    # Round 1: counts and sums of each row's valid tokens (nothing here reads back to the host).
     dtype = compute_dtype(torch.promote_types(log_prob.dtype, advantages.dtype))
     row_segment = row_segment.to(device, non_blocking=True)
-    mask_f = float_mask(mask, dtype)
+    mask_f = mask.to(dtype)
     logp = log_prob.detach().to(dtype)
     adv = advantages.detach().to(dtype)
-    # x - x is 0 for finite x and NaN otherwise: a 0/1 indicator of non-finite values.
-    non_finite = torch.sub(logp, logp).nan_to_num_(nan=1.0)
-    valid = torch.addcmul(mask_f, mask_f, non_finite, value=-1.0)
-    torch.sub(adv, adv, out=non_finite).nan_to_num_(nan=1.0)
-    bad_advantages = torch.dot(non_finite.view(-1), valid.view(-1))
+    # A valid token with a non-finite log-prob is left out; one with a non-finite advantage is an error.
+    valid = mask_f * torch.isfinite(logp)
+    bad_advantages = (valid.bool() & ~torch.isfinite(adv)).sum()
     logp0 = torch.nan_to_num(logp, nan=0.0, posinf=0.0, neginf=0.0).mul_(valid)
     adv0 = torch.nan_to_num(adv, nan=0.0, posinf=0.0, neginf=0.0).mul_(valid)
     num_valid = valid.sum(1)
@@ -354,14 +346,15 @@ def scope_statistics(
     merge = _merge_round1(gather(table))
 
     # Round 2: every token's c from the global means, summed about an estimate of mean(c); the extremes of
-    # |c|, where invalid positions get |c| + _BIG so that they never hold the minimum.
+    # |c| over the valid tokens.
     slots = torch.searchsorted(merge.keys, local_keys.to(device, non_blocking=True))[row_segment]
-    n = merge.sums[:, N - 1].clamp(min=1.0)
-    logp_mean = merge.sums[:, SUM_L - 1] / n
-    adv_mean = merge.sums[:, SUM_A - 1] / n
-    cov_estimate = merge.sums[:, SUM_LA - 1] / n - logp_mean * adv_mean
+    n = merge.total(N).clamp(min=1.0)
+    logp_mean = merge.total(SUM_L) / n
+    adv_mean = merge.total(SUM_A) / n
+    cov_estimate = merge.total(SUM_LA) / n - logp_mean * adv_mean
     per_slot = torch.stack([logp_mean, adv_mean, cov_estimate], dim=1).to(dtype)[slots]
     centred_adv = adv0 - per_slot[:, 1:2]
+    # Sec. 2.3: c = (logp - mean(logp)) * (A - mean(A)), 0 at invalid positions.
     cov = (logp0 - per_slot[:, 0:1]).mul_(valid).mul_(centred_adv)
     deviation = torch.addcmul(cov, valid, per_slot[:, 2:3], value=-1.0, out=centred_adv)
     abs_cov = cov.abs()
@@ -370,7 +363,7 @@ def scope_statistics(
         [
             deviation.sum(1).to(F64),
             torch.linalg.vector_norm(deviation, dim=1).square_().to(F64),
-            torch.where(has_tokens, torch.add(abs_cov, torch.rsub(valid, 1.0), alpha=_BIG).amin(1), math.inf).to(F64),
+            torch.where(has_tokens, torch.where(valid.bool(), abs_cov, math.inf).amin(1), math.inf).to(F64),
             torch.where(has_tokens, abs_cov.amax(1), -math.inf).to(F64),
         ],
         dim=1,
@@ -381,7 +374,8 @@ def scope_statistics(
     local[:, C_MAX].scatter_reduce_(0, row_segment, per_row[:, C_MAX], reduce="amax")
     stats = _finish(merge, gather(local), (logp_mean, adv_mean, cov_estimate), None)
 
-    # Round 3: the kernel about the segment's smallest |c| (0 at invalid positions), summed.
+    # Round 3: Sec. 2.3's w = exp(-c^2 / 2 sigma^2), as the kernel about the segment's smallest |c| (the same
+    # w up to a factor per segment, which the normalisation w~ = w * N / sum(w) cancels), 0 at invalid positions.
     abs_c_min = stats.abs_c_min.to(dtype)[slots][:, None]
     weights = kernel(abs_cov, abs_c_min, stats.inv_two_var.to(dtype)[slots][:, None]).mul_(valid)
     stats = _normalise(stats, merge, gather(_segment_sum(weights.sum(1, keepdim=True), row_segment, capacity)))
@@ -398,8 +392,7 @@ def _empty_round2(capacity: int, device) -> torch.Tensor:
 
 def _finish(merge: _Merge, stack2: torch.Tensor, means, problem: str | None) -> ScopeStatistics:
     """Round-2 merge: mean(c) and its variance per slot, with the rounding floor."""
-    sums = merge.sums
-    n = sums[:, N - 1]
+    n = merge.total(N)
     safe = n.clamp(min=1.0)
     if means is None:
         zero = torch.zeros_like(n)
@@ -412,8 +405,8 @@ def _finish(merge: _Merge, stack2: torch.Tensor, means, problem: str | None) -> 
     variance = (round2[:, DEVIATION_SQUARED] / safe - mean_deviation.square()).clamp(min=0.0)
     cov_mean = cov_estimate + mean_deviation
     # Second moments about the means, for the size of the rounding (the raw-moment form is only a bound).
-    logp_var = (sums[:, SUM_LL - 1] / safe - logp_mean.square()).clamp(min=0.0)
-    adv_var = (sums[:, SUM_AA - 1] / safe - adv_mean.square()).clamp(min=0.0)
+    logp_var = (merge.total(SUM_LL) / safe - logp_mean.square()).clamp(min=0.0)
+    adv_var = (merge.total(SUM_AA) / safe - adv_mean.square()).clamp(min=0.0)
     eps = merge.status[:, EPS].amax()
     noise = 3.0 * (logp_mean.square() * adv_var + adv_mean.square() * logp_var + 9.0 * (variance + cov_mean.square()))
     spread = variance > (FLOOR_ULPS * eps).square() * noise
@@ -422,9 +415,9 @@ def _finish(merge: _Merge, stack2: torch.Tensor, means, problem: str | None) -> 
     has_tokens = n > 0
     return ScopeStatistics(
         keys=merge.keys,
-        rows=sums[:, ROWS - 1],
+        rows=merge.total(ROWS),
         num_tokens=n,
-        num_excluded=sums[:, EXCLUDED - 1],
+        num_excluded=merge.total(EXCLUDED),
         logp_mean=logp_mean,
         adv_mean=adv_mean,
         cov_mean=cov_mean,

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from cw_verl.weights import (
     CovarianceInputError,
     covariance_weights,
-    float_mask,
     kernel_limit,
     scope_statistics,
     token_weights,
@@ -450,7 +449,7 @@ def test_a_loss_call_weighs_its_rows_bitwise_as_the_statistics_pass(batch, dtype
     stats, tokens = scope_statistics(log_prob, advantages, mask, row_keys=row_keys, max_segments=2)
     subset = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[: max(1, rows // 2)]
     slots = None if row_keys is None else stats.slots_of(row_keys[subset])
-    again = token_weights(stats, log_prob[subset], advantages[subset], slots) * float_mask(mask[subset], dtype)
+    again = token_weights(stats, log_prob[subset], advantages[subset], slots) * mask[subset].to(dtype)
     assert torch.equal(again, tokens.weights[subset])
 
 
@@ -476,10 +475,3 @@ def test_kernel_values_past_the_underflow_limit_are_the_smallest_normal_kernel(d
         poisoned = log_prob.clone()
         poisoned[0, 5] = bad
         assert token_weights(stats, poisoned, advantages)[0, 5].item() == 0.0
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_float_mask_of_a_bool_mask_is_its_conversion(dtype):
-    mask = torch.rand(7, 33) < 0.4
-    assert torch.equal(float_mask(mask, dtype), mask.to(dtype))
-    assert torch.equal(float_mask(mask.long(), dtype), mask.to(dtype))

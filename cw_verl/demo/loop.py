@@ -120,18 +120,91 @@ def _validate(rollout, cfg: RunConfig) -> float:
     return sum(samples.rewards) / len(samples.rewards)
 
 
-def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
-    """Train one arm; rank 0 writes ``<out_dir>/<arm>.jsonl`` and returns what it measured."""
-    quiet_known_warnings()
-    from verl.trainer.config import AlgoConfig
+def _rl_step(rank: int, step: int, cfg: RunConfig, arm: Arm, actor, reference, rollout, algo):
+    """One RL step as verl's trainer makes it (generate, old and reference log-probs, advantages, one actor
+    update); returns its metrics, timings and batch."""
     from verl.trainer.ppo.core_algos import agg_loss
-    from verl.trainer.ppo.metric_utils import compute_data_metrics, compute_timing_metrics
     from verl.trainer.ppo.ray_trainer import compute_advantage
     from verl.utils.debug.metrics import calculate_debug_metrics
     from verl.utils.profiler.performance import simple_timer
 
     from cw_verl.demo import probes
-    from cw_verl.demo.rollout import Rollout, to_data_proto
+    from cw_verl.demo.rollout import to_data_proto
+
+    timing: dict[str, float] = {}
+    metrics: dict[str, float] = {}
+    with simple_timer("step", timing):
+        prompts = cfg.task.sample(cfg.prompts_per_step, cfg.seed, STREAM_RL, step)
+        with simple_timer("gen", timing):
+            rollout.sync_weights(actor)
+            samples = rollout.sample(prompts, cfg.group_size, cfg.seed, step)
+        batch = to_data_proto(samples, cfg.task)
+
+        with simple_timer("old_log_prob", timing):
+            log_probs, entropy = harness.compute_log_prob(actor, harness.dp_chunk(batch))
+        batch.batch["old_log_probs"] = harness.all_gather_rows(log_probs)
+        batch.batch["entropys"] = harness.all_gather_rows(entropy)
+        metrics["actor/entropy"] = agg_loss(
+            loss_mat=batch.batch["entropys"],
+            loss_mask=batch.batch["response_mask"],
+            loss_agg_mode=actor.config.loss_agg_mode,
+        ).item()
+        metrics.update(calculate_debug_metrics(batch))
+        if reference is not None:
+            from cw_verl.context import EP_ENTROPY_KEY
+
+            with simple_timer("ref", timing):
+                ref_log_probs, _ = harness.compute_log_prob(reference, harness.dp_chunk(batch))
+            batch.batch["ref_log_prob"] = harness.all_gather_rows(ref_log_probs)
+            # what cw_verl's ep_inputs patch does in verl's legacy trainer (its fit pops "entropys")
+            batch.batch[EP_ENTROPY_KEY] = batch.batch["entropys"]
+
+        with simple_timer("adv", timing):
+            batch = compute_advantage(
+                batch,
+                adv_estimator=arm.adv_estimator,
+                num_repeat=cfg.group_size,
+                norm_adv_by_std_in_grpo=algo.norm_adv_by_std_in_grpo,
+                config=algo,
+            )
+        if rank == 0 and not arm.loss_mode.startswith("cw_grpo"):
+            # The paper's Table 1 statistics under GRPO, observed only: the update is untouched.
+            metrics.update(probes.covariance_percentiles(batch))
+        if rank == 0:  # observed only, for every arm: the update never reads it
+            metrics.update(probes.kernel_tails(batch))
+        if rank == 0 and step == 1 and arm.loss_mode == ARMS["cw_grpo_authors"].loss_mode:
+            terms = probes.weight_gradient_terms(rollout.model, batch, cfg.temperature)
+            metrics[WEIGHT_GRAD_KEY] = terms["relative_norm"]
+            metrics["actor/cw/weights_grad_cosine"] = terms["cosine"]
+
+        with simple_timer("update_actor", timing):
+            train_batch = batch.select(
+                batch_keys=[
+                    "prompts",
+                    "responses",
+                    "input_ids",
+                    "attention_mask",
+                    "position_ids",
+                    "response_mask",
+                    "old_log_probs",
+                    "advantages",
+                    # verl's KL loss reads the reference's log-probs from the batch.
+                    *(["ref_log_prob"] if cfg.kl_coef > 0 else []),
+                ],
+                # As verl's trainers do: the prompts' uid reaches the actor (cw_grpo_group uses it).
+                non_tensor_batch_keys=["uid"],
+            )
+            metrics.update(harness.train_step(actor, harness.dp_chunk(train_batch)))
+    return metrics, timing, batch
+
+
+def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
+    """Train one arm; rank 0 writes ``<out_dir>/<arm>.jsonl`` and returns what it measured."""
+    quiet_known_warnings()
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.metric_utils import compute_data_metrics, compute_timing_metrics
+
+    from cw_verl.demo.rollout import Rollout
 
     cfg.validate(world_size)
     init_start = time.perf_counter()
@@ -187,71 +260,7 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
     step_seconds = []
     try:
         for step in range(1, cfg.steps + 1):
-            timing: dict[str, float] = {}
-            metrics: dict[str, float] = {}
-            with simple_timer("step", timing):
-                prompts = cfg.task.sample(cfg.prompts_per_step, cfg.seed, STREAM_RL, step)
-                with simple_timer("gen", timing):
-                    rollout.sync_weights(actor)
-                    samples = rollout.sample(prompts, cfg.group_size, cfg.seed, step)
-                batch = to_data_proto(samples, cfg.task)
-
-                with simple_timer("old_log_prob", timing):
-                    log_probs, entropy = harness.compute_log_prob(actor, harness.dp_chunk(batch))
-                batch.batch["old_log_probs"] = harness.all_gather_rows(log_probs)
-                batch.batch["entropys"] = harness.all_gather_rows(entropy)
-                metrics["actor/entropy"] = agg_loss(
-                    loss_mat=batch.batch["entropys"],
-                    loss_mask=batch.batch["response_mask"],
-                    loss_agg_mode=actor.config.loss_agg_mode,
-                ).item()
-                metrics.update(calculate_debug_metrics(batch))
-                if reference is not None:
-                    from cw_verl.context import EP_ENTROPY_KEY
-
-                    with simple_timer("ref", timing):
-                        ref_log_probs, _ = harness.compute_log_prob(reference, harness.dp_chunk(batch))
-                    batch.batch["ref_log_prob"] = harness.all_gather_rows(ref_log_probs)
-                    # what cw_verl's ep_inputs patch does in verl's legacy trainer (its fit pops "entropys")
-                    batch.batch[EP_ENTROPY_KEY] = batch.batch["entropys"]
-
-                with simple_timer("adv", timing):
-                    batch = compute_advantage(
-                        batch,
-                        adv_estimator=arm.adv_estimator,
-                        num_repeat=cfg.group_size,
-                        norm_adv_by_std_in_grpo=algo.norm_adv_by_std_in_grpo,
-                        config=algo,
-                    )
-                if rank == 0 and not arm.loss_mode.startswith("cw_grpo"):
-                    # The paper's Table 1 statistics under GRPO, observed only: the update is untouched.
-                    metrics.update(probes.covariance_percentiles(batch))
-                if rank == 0:  # observed only, for every arm: the update never reads it
-                    metrics.update(probes.kernel_tails(batch))
-                if rank == 0 and step == 1 and arm.loss_mode == ARMS["cw_grpo_authors"].loss_mode:
-                    terms = probes.weight_gradient_terms(rollout.model, batch, cfg.temperature)
-                    metrics[WEIGHT_GRAD_KEY] = terms["relative_norm"]
-                    metrics["actor/cw/weights_grad_cosine"] = terms["cosine"]
-
-                with simple_timer("update_actor", timing):
-                    train_batch = batch.select(
-                        batch_keys=[
-                            "prompts",
-                            "responses",
-                            "input_ids",
-                            "attention_mask",
-                            "position_ids",
-                            "response_mask",
-                            "old_log_probs",
-                            "advantages",
-                            # verl's KL loss reads the reference's log-probs from the batch.
-                            *(["ref_log_prob"] if cfg.kl_coef > 0 else []),
-                        ],
-                        # As verl's trainers do: the prompts' uid reaches the actor (cw_grpo_group uses it).
-                        non_tensor_batch_keys=["uid"],
-                    )
-                    metrics.update(harness.train_step(actor, harness.dp_chunk(train_batch)))
-
+            metrics, timing, batch = _rl_step(rank, step, cfg, arm, actor, reference, rollout, algo)
             metrics.update(compute_data_metrics(batch, use_critic=False))
             metrics.update(compute_timing_metrics(batch, timing))
             metrics["training/global_step"] = step
