@@ -39,7 +39,6 @@ LAYER_OF_MODULE = {
     "cw_verl.packages": "verl adapters",
     "cw_verl.patches": "patches",
     "cw_verl.verl_plugin": "plugin",
-    "cw_verl.check": "plugin",
     "cw_verl.preflight": "plugin",
     "cw_verl.cpu": "extras",
     "cw_verl.demo": "extras",

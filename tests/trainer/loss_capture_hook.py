@@ -33,7 +33,7 @@ if os.environ.get("CW_VERL_TEST_CAPTURE_DIR"):
             def recorded(**kwargs):
                 loss, metrics = policy_loss(**kwargs)
                 from cw_verl.context import current_loss_call, current_train_batch
-                from cw_verl.verl_losses import _padded, _row_uids
+                from cw_verl.verl_losses import _padded, row_uids
 
                 train, call = current_train_batch(), current_loss_call()
                 mini_batch = None
@@ -41,7 +41,7 @@ if os.environ.get("CW_VERL_TEST_CAPTURE_DIR"):
                     mini_batches.append(train)
                     fields = ("old_log_probs", "advantages", "response_mask")
                     mini_batch = dict(zip(fields, map(detached, _padded(train.mini_batch, *fields)), strict=True))
-                    mini_batch["uids"] = _row_uids(train.mini_batch)
+                    mini_batch["uids"] = row_uids(train.mini_batch)
                 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
                 record = {
                     "loss_mode": name,
@@ -49,7 +49,7 @@ if os.environ.get("CW_VERL_TEST_CAPTURE_DIR"):
                     "mini_batch": mini_batch,
                     "inputs": {key: detached(value) for key, value in kwargs.items() if key != "config"},
                     "config": kwargs["config"],
-                    "uids": _row_uids(call.micro_batch if call is not None else None),
+                    "uids": row_uids(call.micro_batch if call is not None else None),
                     "loss": detached(loss),
                     "metrics": {key: value for key, value in metrics.items() if isinstance(value, float)},
                 }
