@@ -4,8 +4,9 @@ verl's real trainer (``python -m verl.trainer.main_ppo``) runs in many processes
 TaskRunner, one worker per rank (actor/ref), agent-loop and reward workers, one vLLM server actor per
 rollout replica and vLLM's own engine-core/worker processes. Two entry points reach all of them:
 
-* verl's plugin (``verl.plugins`` -> :mod:`cw_verl.verl_plugin`) runs on every ``import verl``, so in
-  every process that imports verl; it calls :func:`activate`.
+* the CPU support's own verl plugin (``verl.plugins`` -> :mod:`cw_verl.cpu.verl_plugin`) runs on every
+  ``import verl``, so in every process that imports verl; it calls :func:`activate`. (cw_verl's core plugin,
+  :mod:`cw_verl.verl_plugin`, never imports this package.)
 * vLLM's plugin (``vllm.general_plugins`` -> :func:`cw_verl.cpu.vllm_plugin.register`) runs in every
   vLLM process, which need not import verl before building its model.
 
