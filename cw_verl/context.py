@@ -100,13 +100,12 @@ def current_train_batch() -> TrainBatchCall | None:
     return _train_batch.get()
 
 
-def ep_advantage_call(entropy, metrics: dict):
+@contextlib.contextmanager
+def ep_advantage_call(entropy, metrics: dict) -> Iterator[None]:
     """Context of the v1 trainer's ``_compute_advantage`` for ``ep_grpo``: the entropy ``[B, T]`` it needs and
     the dict its ``ep/*`` diagnostics go to."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(_set(_ep_entropy, entropy))
-    stack.enter_context(_set(_ep_metrics, metrics))
-    return stack
+    with _set(_ep_entropy, entropy), _set(_ep_metrics, metrics):
+        yield
 
 
 def current_ep_entropy():

@@ -61,12 +61,6 @@ from cw_verl.weights import (
 CW_GRPO = "cw_grpo"
 MICROBATCH, MINIBATCH, GROUP = "microbatch", "minibatch", "group"
 DEFAULT_SCOPE = MINIBATCH
-LOSS_MODES = {
-    CW_GRPO: DEFAULT_SCOPE,
-    f"{CW_GRPO}_{MICROBATCH}": MICROBATCH,
-    f"{CW_GRPO}_{MINIBATCH}": MINIBATCH,
-    f"{CW_GRPO}_{GROUP}": GROUP,
-}
 
 # The paper's Table 1 percentiles, as fractions of the valid tokens.
 TABLE1_PERCENTILES = ((0.0001, "0.01pct"), (0.01, "1pct"), (0.2, "20pct"), (0.4, "40pct"))
@@ -502,9 +496,7 @@ compute_policy_loss_cw_grpo_microbatch = _scoped_policy_loss(f"{CW_GRPO}_{MICROB
 VANILLA_WITH_CW_METRICS = "vanilla_cw_metrics"
 """A GRPO/PPO baseline's loss mode: verl's own ``vanilla`` loss, unchanged, plus the ``actor/cw/*`` metrics."""
 
-GROUP_STATISTICS_LOSS_MODES = frozenset(
-    {name for name, scope in LOSS_MODES.items() if scope == GROUP} | {VANILLA_WITH_CW_METRICS}
-)
+GROUP_STATISTICS_LOSS_MODES = frozenset({f"{CW_GRPO}_{GROUP}", VANILLA_WITH_CW_METRICS})
 """Loss modes that compute per-prompt-group statistics (each prompt's responses in one mini-batch)."""
 
 

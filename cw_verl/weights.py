@@ -322,7 +322,8 @@ def scope_statistics(
     adv = advantages.detach().to(dtype)
     # A valid token with a non-finite log-prob is left out; one with a non-finite advantage is an error.
     valid = mask_f * torch.isfinite(logp)
-    bad_advantages = (valid.bool() & ~torch.isfinite(adv)).sum()
+    in_statistics = valid.bool()
+    bad_advantages = (in_statistics & ~torch.isfinite(adv)).sum()
     logp0 = torch.nan_to_num(logp, nan=0.0, posinf=0.0, neginf=0.0).mul_(valid)
     adv0 = torch.nan_to_num(adv, nan=0.0, posinf=0.0, neginf=0.0).mul_(valid)
     num_valid = valid.sum(1)
@@ -363,7 +364,7 @@ def scope_statistics(
         [
             deviation.sum(1).to(F64),
             torch.linalg.vector_norm(deviation, dim=1).square_().to(F64),
-            torch.where(has_tokens, torch.where(valid.bool(), abs_cov, math.inf).amin(1), math.inf).to(F64),
+            torch.where(has_tokens, torch.where(in_statistics, abs_cov, math.inf).amin(1), math.inf).to(F64),
             torch.where(has_tokens, abs_cov.amax(1), -math.inf).to(F64),
         ],
         dim=1,
