@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.cw_verl-installed
 
-.PHONY: demo test lint check clean gpu-lock
+.PHONY: demo test test-e2e test-all lint check clean gpu-lock
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,8 +19,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PYTHON) -m cw_verl trainer-demo
 
-test: $(STAMP) lint
-	$(PYTHON) -m cw_verl check
+# Two tiers by pytest marker (tests/conftest.py): `make test` is the fast tier plus one launch of verl's trainer
+# (the tiny recipe's ARM=cw_grpo, marker `smoke`); `make test-e2e` every other launch; CI runs `make test-all`.
+test: $(STAMP) lint check
+	$(PYTHON) -m pytest -m "not e2e or smoke" --durations=10
+
+test-e2e: $(STAMP)
+	$(PYTHON) -m pytest -m "e2e and not smoke" --durations=10
+
+# Both tiers in one pytest run: each launch starts once.
+test-all: $(STAMP) lint check
 	$(PYTHON) -m pytest --durations=25
 
 lint: $(STAMP)

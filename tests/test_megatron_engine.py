@@ -22,9 +22,6 @@ import pytest
 import torch
 
 from cw_verl.cpu.launch import run_ranks
-from cw_verl.cpu.tiny_model import TinyModelSpec
-from cw_verl.demo.task import ReversalTask
-from cw_verl.demo.warmstart import WarmStart, build_demo_model
 from tests.megatron_ranks import layouts_and_a_wrong_group
 from tests.support.megatron_study import (
     LAYOUTS,
@@ -53,16 +50,9 @@ def launch(fn, world_size, *args):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_assets):
     tmp = tmp_path_factory.mktemp("megatron")
-    # One thread: on a loaded 2-core box, torch's default thread pool spins and takes 10x the CPU time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model_path, _ = build_demo_model(tmp, ReversalTask(), TinyModelSpec(), WarmStart(), 0)
-    finally:
-        torch.set_num_threads(threads)
-    model_path, batch_path = str(model_path), str(tmp / "batch.pt")
+    model_path, batch_path = str(tiny_assets / "model"), str(tmp / "batch.pt")
     reference_variants = [Variant(loss, micro_batch_size=m) for loss in LOSSES for m in (4, 16)]
     reference = launch(reference_run, 1, model_path, batch_path, PROMPTS, GROUP_SIZE, 0, reference_variants)[0]
     two = launch(layout_run, 2, model_path, batch_path, [(name, layout_variants(name, LOSSES)) for name in TWO_RANKS])

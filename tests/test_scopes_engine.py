@@ -5,9 +5,6 @@ micro-batch size, dynamic batch size and DP size; the per-call scope does not.""
 import pytest
 import torch
 
-from cw_verl.cpu.tiny_model import TinyModelSpec
-from cw_verl.demo.task import ReversalTask
-from cw_verl.demo.warmstart import WarmStart, build_demo_model
 from tests.ranks import run_on_ranks
 from tests.support.batch import save_shared_batch
 from tests.support.studies import Variant, updates_per_variant
@@ -21,9 +18,9 @@ GRAD_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_assets):
     tmp = tmp_path_factory.mktemp("policy")
-    model_path, _ = build_demo_model(tmp, ReversalTask(), TinyModelSpec(), WarmStart(), 0)
+    model_path = tiny_assets / "model"
     batch_path = str(tmp / "batch.pt")
     run_on_ranks(save_shared_batch, 1, str(model_path), PROMPTS, GROUP_SIZE, 0, batch_path)
     out = {}

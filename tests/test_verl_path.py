@@ -31,6 +31,7 @@ def _registrations_in_a_ray_worker():
     return "cw_grpo" in core_algos.ADV_ESTIMATOR_REGISTRY, "cw_grpo" in core_algos.POLICY_LOSS_REGISTRY
 
 
+@pytest.mark.e2e  # starts Ray (tests/conftest.py): the e2e tier
 def test_ray_worker_sees_the_registrations():
     import ray
 

@@ -1,10 +1,16 @@
 """Start N gloo ranks on this machine, run a function in each, and never hang.
 
-A torchrun-like launcher inside Python: ``run_ranks(fn, world_size, *args)`` spawns ``world_size``
-processes (``spawn`` start method, so no rank inherits the parent's threads or verl state), sets the
-``torch.distributed`` environment verl's ``Worker`` reads (RANK, WORLD_SIZE, MASTER_ADDR/PORT,
-LOCAL_RANK...), selects the CPU platform, initialises a gloo process group and calls
-``fn(rank, world_size, *args)``. It returns the ranks' return values in rank order. When a rank
+A torchrun-like launcher inside Python: ``run_ranks(fn, world_size, *args)`` starts ``world_size``
+processes, sets the ``torch.distributed`` environment verl's ``Worker`` reads (RANK, WORLD_SIZE,
+MASTER_ADDR/PORT, LOCAL_RANK...), selects the CPU platform, initialises a gloo process group and calls
+``fn(rank, world_size, *args)``.
+
+Ranks come from multiprocessing's ``forkserver``: a clean process (not a fork of the caller, so no rank
+inherits the caller's threads or verl state) that imports the heavy third-party libraries once
+(``PRELOAD``) and forks each rank from there. A spawned rank spent ~5-10 s of one core importing them, more
+than most test updates take. verl itself (its import loads the verl plugins, which depends on the
+environment) and cw_verl are imported in the rank, after the rank has taken the caller's environment of
+this call (the fork server's is the one it started with). It returns the ranks' return values in rank order. When a rank
 fails, the others are killed and the failing rank's traceback is raised; past ``timeout_s`` every
 rank is killed and ``TimeoutError`` is raised.
 """
@@ -23,6 +29,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+# Imported once in the fork server. Each reads no setting the callers vary (VERL_*, CW_VERL_*, HF_*) at
+# import time; a module missing here is skipped by multiprocessing.
+PRELOAD = ("torch", "tensordict", "transformers", "datasets", "megatron.core", "ray")
+
 
 class RankFailed(RuntimeError):
     """A rank raised; the message carries its traceback."""
@@ -37,7 +47,8 @@ def free_port() -> int:
 
 
 def _die_with_parent() -> None:
-    """Linux: have the kernel kill this rank when the launching process dies, even by SIGKILL.
+    """Linux: have the kernel kill this rank when its parent, the fork server, dies, even by SIGKILL; the
+    fork server exits when the launching process does (multiprocessing closes its pipe).
 
     Without it, a launcher killed from outside leaves its ranks running (re-parented to init), each
     holding a CPU core and a port.
@@ -53,11 +64,15 @@ def _die_with_parent() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
-def _rank_main(fn, rank, world_size, port, threads, collective_timeout_s, args, results, parent_pid) -> None:
+def _rank_main(fn, rank, world_size, port, threads, collective_timeout_s, args, results, launcher, env) -> None:
     _die_with_parent()
-    if os.getppid() != parent_pid:
+    try:
+        os.kill(launcher, 0)
+    except ProcessLookupError:
         # The launcher died before prctl took effect.
-        raise SystemExit(1)
+        raise SystemExit(1) from None
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(
         {
             "RANK": str(rank),
@@ -106,21 +121,25 @@ def run_ranks(
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    # Takes effect when this process starts its fork server (the first call), ignored after.
+    ctx.set_forkserver_preload(list(PRELOAD))
     results = ctx.Queue()
     port = free_port()
     # Collectives time out a little before the launcher does, so a stuck rank reports where it was.
     collective_timeout_s = max(30.0, timeout_s - 10.0)
+    # The ranks' environment: this process's, with the platform known before any verl import.
+    env = dict(os.environ, VERL_PLATFORM="cpu", VERL_ENGINE_DEVICE="cuda")
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, rank, world_size, port, threads, collective_timeout_s, args, results, os.getpid()),
+            args=(fn, rank, world_size, port, threads, collective_timeout_s, args, results, os.getpid(), env),
             name=f"cw_verl-rank{rank}",
             daemon=True,
         )
         for rank in range(world_size)
     ]
-    # Children inherit the environment at start: the platform must be known before any verl import.
+    # The fork server, when this call starts it, imports PRELOAD with the same platform settings.
     saved = {key: os.environ.get(key) for key in ("VERL_PLATFORM", "VERL_ENGINE_DEVICE")}
     os.environ.update({"VERL_PLATFORM": "cpu", "VERL_ENGINE_DEVICE": "cuda"})
     try:

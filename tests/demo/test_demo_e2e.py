@@ -7,12 +7,9 @@ import pytest
 import torch
 
 from cw_verl.cpu.launch import run_ranks
-from cw_verl.cpu.tiny_model import TinyModelSpec
 from cw_verl.demo import cli, probes
 from cw_verl.demo.loop import VAL_KEY
 from cw_verl.demo.runlog import read_jsonl
-from cw_verl.demo.task import ReversalTask
-from cw_verl.demo.warmstart import WarmStart, build_demo_model
 from tests.demo import ranks
 
 CW = "cw_grpo"
@@ -40,10 +37,10 @@ STEP_KEYS = [
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    path, info = build_demo_model(tmp_path_factory.mktemp("policy"), ReversalTask(), TinyModelSpec(), WarmStart(), 0)
+def policy_dir(tiny_assets):
+    info = json.loads((tiny_assets / "assets.json").read_text())["model"]
     assert info["warm_start_sampled_accuracy"] > 0.05, "the warm-started policy must earn reward for RL to have signal"
-    return str(path)
+    return str(tiny_assets / "model")
 
 
 @pytest.fixture(scope="module")

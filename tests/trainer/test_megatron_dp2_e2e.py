@@ -35,13 +35,11 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("megatron_dp2_e2e")
 
 
-def launch_dp2(root, name: str, arm: str, *command_lines: str, tp: int = 1) -> dict[int, dict]:
+def launch_dp2(root, tiny_assets, name: str, arm: str, *command_lines: str, tp: int = 1) -> dict[int, dict]:
     """One 2-step launch of ``arm`` on Megatron with TP = ``tp`` and DP = 2 whose main_ppo command holds
     ``command_lines``; its metrics per step."""
     ranks = str(2 * tp)
-    run = tiny_runs.launch(
-        root, root / "assets", name, *NO_VAL, ARM=arm, ACTOR_TP=str(tp), GPUS_PER_NODE=ranks, **SETTINGS
-    )
+    run = tiny_runs.launch(root, tiny_assets, name, *NO_VAL, ARM=arm, ACTOR_TP=str(tp), GPUS_PER_NODE=ranks, **SETTINGS)
     assert run.returncode == 0, run.output[-5000:]
     report = run.report()
     print(f"\n{name}: wall {report['wall_seconds']:.0f} s, peak {report['peak_pss_gb']:.1f} GB (PSS)")
@@ -80,9 +78,10 @@ def test_verl_logs_the_mean_over_micro_batches_and_data_parallel_ranks():
 # TP=2 x DP=2 is the 7B profile's layout: 4 actor ranks and 4 vLLM servers, 16.3-16.6 GB peak (PSS) here. The
 # other arms run TP=1 x DP=2; cw_grpo runs this layout only (TP=1 x DP=2 passed too, 187 s: left out of CI for time).
 @e2e
-def test_cw_grpo_group_scope_statistics_are_global_over_the_dp_ranks_of_tp2(root):
+def test_cw_grpo_group_scope_statistics_are_global_over_the_dp_ranks_of_tp2(root, tiny_assets):
     steps = launch_dp2(
         root,
+        tiny_assets,
         "cw_megatron_tp2_dp2",
         "cw_grpo",
         "policy_loss.loss_mode=cw_grpo_group",
@@ -104,9 +103,10 @@ def test_cw_grpo_group_scope_statistics_are_global_over_the_dp_ranks_of_tp2(root
 
 
 @e2e
-def test_cw_grpo_authors_trains_with_full_recompute_and_one_whole_group_per_loss_call(root):
+def test_cw_grpo_authors_trains_with_full_recompute_and_one_whole_group_per_loss_call(root, tiny_assets):
     steps = launch_dp2(
         root,
+        tiny_assets,
         "authors_megatron_dp2",
         "cw_grpo_authors",
         "policy_loss.loss_mode=cw_grpo_authors",
@@ -123,8 +123,10 @@ def test_cw_grpo_authors_trains_with_full_recompute_and_one_whole_group_per_loss
 
 
 @e2e
-def test_ep_grpo_trains_on_megatron_entropies(root):
-    steps = launch_dp2(root, "ep_megatron_dp2", "ep_grpo", "algorithm.adv_estimator=ep_grpo", "use_dynamic_bsz=True")
+def test_ep_grpo_trains_on_megatron_entropies(root, tiny_assets):
+    steps = launch_dp2(
+        root, tiny_assets, "ep_megatron_dp2", "ep_grpo", "algorithm.adv_estimator=ep_grpo", "use_dynamic_bsz=True"
+    )
     for row in (steps[1], steps[2]):
         assert set(EP_METRICS) <= row.keys(), sorted(row)
         # The gate saw the Megatron actor's entropies (0.5 exactly would mean constant entropy).

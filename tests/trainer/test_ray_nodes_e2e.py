@@ -136,10 +136,10 @@ def run_tag(run) -> str:
     raise AssertionError(f"no process of {run.name} carries {RUN_ID_ENV}")
 
 
-def launch(root, cluster):
+def launch(root, tiny_assets, cluster):
     return tiny_runs.start(
         root,
-        root / "assets",
+        tiny_assets,
         "nodes",
         *NO_VAL,
         f"trainer.rollout_data_dir={root / 'rollouts'}",
@@ -149,10 +149,10 @@ def launch(root, cluster):
 
 
 @pytest.fixture(scope="module")
-def lost_node(root, cluster):
+def lost_node(root, tiny_assets, cluster):
     known_jobs = {job["JobID"] for job in cluster.global_state.job_table()}
     head, second = cluster.head_node, next(iter(cluster.worker_nodes))
-    run, proc = launch(root, cluster)
+    run, proc = launch(root, tiny_assets, cluster)
     try:
         assert tiny_runs.wait_for_steps(run, proc, 2, timeout=1500), "2 steps never logged:\n" + run.output[-5000:]
         job = new_job(cluster, known_jobs)
@@ -184,14 +184,14 @@ def lost_node(root, cluster):
 
 
 @pytest.fixture(scope="module")
-def resumed(root, cluster, lost_node):
+def resumed(root, tiny_assets, cluster, lost_node):
     checkpoints = lost_node.run_dir / "checkpoints"
     last = int((checkpoints / "latest_checkpointed_iteration.txt").read_text())
     known_jobs = {job["JobID"] for job in cluster.global_state.job_table()}
     with without_worker_vars():
         cluster.add_node(**NODE)
     cluster.wait_for_nodes()
-    run, proc = launch(root, cluster)
+    run, proc = launch(root, tiny_assets, cluster)
     run = tiny_runs.finish(run, proc, timeout=1800)
     assert run.returncode == 0, run.output[-5000:]
     run.notes.update(resumed_from=last, job=new_job(cluster, known_jobs), metrics=str(run.metrics_files()[-1]))
@@ -290,8 +290,8 @@ def _trained_on(root, step: int) -> Counter:
     return Counter({gt: n // N_GENERATIONS for gt, n in counts.items()})
 
 
-def test_the_relaunch_trains_on_the_prompts_an_uninterrupted_run_would(root, resumed):
-    expected = _batches(root / "assets" / "data" / "train.parquet", TOTAL_STEPS)
+def test_the_relaunch_trains_on_the_prompts_an_uninterrupted_run_would(root, tiny_assets, resumed):
+    expected = _batches(tiny_assets / "data" / "train.parquet", TOTAL_STEPS)
     # The first launch's steps check the reconstruction of verl's order; the relaunch's continue it.
     for step in range(1, TOTAL_STEPS + 1):
         assert _trained_on(root, step) == expected[step - 1], step

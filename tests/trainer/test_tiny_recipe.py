@@ -12,15 +12,14 @@ from tests.recipes.recipe_helpers import flatten
 from tests.trainer import tiny_runs
 
 ARMS = ("grpo", "cw_grpo", "ep_grpo")
-# The module fixture builds the tiny assets and runs two launch checks: a few minutes on a loaded 2-core box.
+# The module fixture runs three launch checks on the session's tiny assets: minutes on a loaded 2-core box.
 pytestmark = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module")
-def dry_runs(tmp_path_factory):
+def dry_runs(tmp_path_factory, tiny_assets):
     root = tmp_path_factory.mktemp("tiny_recipe")
-    tiny_dir = root / "assets"
-    # The first run builds the model and data; the others reuse them (and are started after it).
+    tiny_dir = tiny_assets
     results = {}
     for arm in ARMS:
         env, _ = tiny_runs.recipe_env(
@@ -48,7 +47,7 @@ def test_dry_run_passes_verls_checks_with_the_fsdp2_trainer_config(dry_runs):
         assert "# DRY_RUN=1: not started" in result.stdout
 
 
-def test_cpu_profile_settings(dry_runs):
+def test_cpu_profile_settings(dry_runs, tiny_assets):
     root, results = dry_runs
     cfg = results["cw_grpo"][1]
     actor, rollout = cfg["actor_rollout_ref"]["actor"], cfg["actor_rollout_ref"]["rollout"]
@@ -59,7 +58,7 @@ def test_cpu_profile_settings(dry_runs):
     assert actor["fsdp_config"]["mixed_precision"]["param_dtype"] == "fp32"
     assert rollout["name"] == "vllm" and rollout["dtype"] == "float32" and rollout["enforce_eager"]
     assert rollout["enable_sleep_mode"] is False
-    assert cfg["data"]["train_files"] == [str(root / "assets" / "data" / "train.parquet")]
+    assert cfg["data"]["train_files"] == [str(tiny_assets / "data" / "train.parquet")]
     assert cfg["reward"]["custom_reward_function"]["path"] == "pkg://cw_verl.demo.reward"
     # The paper's algorithm settings from common.sh are kept: group-scope CW loss, KL loss, on-policy.
     assert actor["policy_loss"]["loss_mode"] == "cw_grpo_group" and cfg["algorithm"]["adv_estimator"] == "cw_grpo"
@@ -74,11 +73,11 @@ def test_cpu_profile_settings(dry_runs):
     assert rollout["log_prob_use_dynamic_bsz"] and rollout["log_prob_max_token_len_per_gpu"] == 8 * (16 + 9)
 
 
-def test_micro_batch_per_gpu_selects_fixed_micro_batches(dry_runs):
+def test_micro_batch_per_gpu_selects_fixed_micro_batches(dry_runs, tiny_assets):
     root, _ = dry_runs
     env, _ = tiny_runs.recipe_env(
         root,
-        root / "assets",
+        tiny_assets,
         "fixed",
         ARM="cw_grpo",
         MICRO_BATCH_PER_GPU="16",
