@@ -61,7 +61,7 @@ def recorded_selection():
 
 
 @contextmanager
-def verl_counts(verl_mode, ratio):
+def verl_counts(verl_mode):
     """How many tokens each call of verl's own ``verl_mode`` selected in this rank (kl_cov: ``max(1, int(N ratio))``
     as it hands to ``torch.topk``; clip_cov: its share of zeroed tokens times the call's valid tokens)."""
     from verl.trainer.ppo import core_algos
@@ -101,8 +101,7 @@ def selections(rank, world_size, loss_mode, variants):
                 policy_loss=KNOBS[loss_mode],
                 uneven=uneven,
             )
-        ratio = next(iter(v for key, v in KNOBS[loss_mode].items() if key.endswith("_ratio")))
-        with verl_counts(VERL_MODE[loss_mode], ratio) as counts:
+        with verl_counts(VERL_MODE[loss_mode]) as counts:
             train_step(
                 rank,
                 world_size,
