@@ -37,8 +37,8 @@ from cw_verl.distributed import raise_together, resolve_data_parallel_group
 from cw_verl.selection import DRAW, TOP, SelectionRule, token_keys
 from cw_verl.verl_losses import (
     MINIBATCH,
-    _call_problem,
     call_checks,
+    call_problem,
     connected_zero_if_empty,
     mini_batch_statistics,
 )
@@ -106,7 +106,7 @@ def covariance_selection_loss(
     rule = selection_rule(loss_mode, config)
     batch_info = getattr(config, "global_batch_info", None) or {}
     group = resolve_data_parallel_group(batch_info.get("dp_size"))
-    problem = _call_problem(old_log_prob, old_log_prob, log_prob, advantages, response_mask)
+    problem = call_problem(old_log_prob, old_log_prob, log_prob, advantages, response_mask)
     device = log_prob.device if isinstance(log_prob, torch.Tensor) else torch.device("cpu")
     scoped = mini_batch_statistics(MINIBATCH, group, config, device, None, rule)
     checks = call_checks(problem, torch.zeros(1, dtype=torch.float64, device=device), group, device)

@@ -286,7 +286,8 @@ def mini_batch_statistics(
     return result
 
 
-def _call_problem(scope_log_prob, old_log_prob, log_prob, advantages, response_mask) -> str | None:
+def call_problem(scope_log_prob, old_log_prob, log_prob, advantages, response_mask) -> str | None:
+    """Why one loss call's ``[B, T]`` tensors cannot be used (``None`` if they can): shapes and types only."""
     problem = check_inputs(scope_log_prob, advantages, response_mask)
     if problem is None and old_log_prob.shape != log_prob.shape:
         problem = f"old_log_prob has shape {tuple(old_log_prob.shape)}, log_prob {tuple(log_prob.shape)}"
@@ -365,7 +366,7 @@ class _CallWeights:
 def _call_scope_weights(old_log_prob, log_prob, advantages, response_mask, group) -> _CallWeights:
     """``cw_grpo_microbatch``: this call's statistics, from the current log-probs, over the DP group; every
     rank's input check rides in their rounds."""
-    problem = _call_problem(log_prob, old_log_prob, log_prob, advantages, response_mask)
+    problem = call_problem(log_prob, old_log_prob, log_prob, advantages, response_mask)
     stats, tokens = scope_statistics(log_prob, advantages, response_mask, group_gather(group), problem=problem)
     metric_count = len(SCOPE_METRICS) + len(RANK_METRICS)
     checks = torch.cat([_scope_metrics(stats, tokens), stats.status.flatten()])
@@ -383,7 +384,7 @@ def _mini_batch_scope_weights(scope, old_log_prob, log_prob, advantages, respons
     """``cw_grpo_minibatch``/``cw_grpo_group``: the weights from the mini-batch's statistics (computed on its
     first call, from ``old_log_probs``); one one-element all-gather per call, so that a bad micro-batch on one
     rank stops every rank here."""
-    problem = _call_problem(old_log_prob, old_log_prob, log_prob, advantages, response_mask)
+    problem = call_problem(old_log_prob, old_log_prob, log_prob, advantages, response_mask)
     device = log_prob.device if isinstance(log_prob, torch.Tensor) else torch.device("cpu")
     call_shape = None if problem is not None else response_mask.shape
     scoped = mini_batch_statistics(scope, group, config, device, call_shape)

@@ -277,3 +277,54 @@ def test_outside_a_verl_engine_it_says_where_to_call_it():
     old, current, adv, mask = data()
     with pytest.raises(RuntimeError, match="BaseEngine.train_batch"):
         get_policy_loss_fn(KL_COV_MINIBATCH)(old, current, adv, mask, "token-mean", config(loss_mode=KL_COV_MINIBATCH))
+
+
+def two_rank_call(rank, world_size, case):
+    """One clip/kl_cov_minibatch call per rank over the gloo WORLD, with ``case``'s bad input on one rank; the
+    error each rank raised (or its selected count and the mini-batch's)."""
+    import torch.distributed as dist
+
+    from cw_verl.context import loss_call
+
+    old, current, adv, mask = data(seed=10 + rank)
+    loss_mode = KL_COV_MINIBATCH if case != "nan_old" else CLIP_COV_MINIBATCH
+    if rank == 1 and case == "nan_adv":
+        adv[0, 0] = float("nan")
+    if rank == 0 and case == "nan_old":
+        old[1, 1] = float("-inf")
+    if rank == 1 and case == "empty":
+        mask = torch.zeros_like(mask)
+    if rank == 1 and case == "shape":
+        current = current[:, :-1]
+    cfg = config(loss_mode=loss_mode, kl_cov_ratio=0.05)
+    cfg.global_batch_info.update({**batch_info(mask), "dp_size": 2})
+    mini_batch = TensorDict({"old_log_probs": old, "advantages": adv, "response_mask": mask.long()}, batch_size=[B])
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    try:
+        with loss_call(dist.group.WORLD), train_batch_call(mini_batch):
+            loss, metrics = get_policy_loss_fn(loss_mode)(old, current, adv, mask, "token-mean", cfg)
+    except CovarianceInputError as error:
+        return {"error": str(error)}
+    loss.backward()
+    return {"metrics": metrics, "tokens": int(mask.sum())}
+
+
+def test_bad_input_on_one_rank_stops_both_ranks_with_a_clear_error_and_an_empty_rank_takes_part():
+    from tests.ranks import run_on_ranks
+
+    results = run_on_ranks(_both_cases, 2)
+    nan_adv = [r["nan_adv"]["error"] for r in results]
+    assert all("non-finite advantages" in e for e in nan_adv) and "rank 1: 1" in nan_adv[0]
+    assert all("non-finite old log-prob" in r["nan_old"]["error"] for r in results)
+    assert "old_log_prob has shape" in results[1]["shape"]["error"]
+    assert "rank(s) [1]" in results[0]["shape"]["error"]
+    empty = [r["empty"] for r in results]
+    k = max(int(0.05 * empty[0]["tokens"]), 1)  # rank 1 holds no valid token: N is rank 0's
+    assert empty[1]["tokens"] == 0
+    for r in empty:
+        assert r["metrics"]["actor/cov_select/k"] == k == r["metrics"]["actor/cov_select/selected"]
+
+
+def _both_cases(rank, world_size):
+    return {case: two_rank_call(rank, world_size, case) for case in ("nan_adv", "nan_old", "shape", "empty")}

@@ -26,11 +26,12 @@ def with_spread_advantages(batch):
     return batch
 
 
-def engine_selections(rank, world_size, model_path):
-    """One actor on the two ranks: it samples the batch (:func:`tests.support.batch.shared_batch`), then per loss
-    mode and layout makes one update and records the (row, position) pairs this rank's calls selected, its call
-    count and the metrics; then verl's own mode on the first layout, with its per-call counts. The selection is
-    made from the batch's old log-probs, so the updates in between do not change it."""
+def engine_selections(rank, world_size, model_path, layouts=LAYOUTS, parallel=None):
+    """One actor on the ranks (``parallel``: further ActorSetup keys, e.g. a Megatron layout): it samples the
+    batch (:func:`tests.support.batch.shared_batch`), then per loss mode and micro-batch layout makes one update
+    and records the (row, position) pairs this rank's calls selected, its call count and the metrics; then
+    verl's own mode on the first layout, with its per-call counts. The selection is made from the batch's old
+    log-probs, so the updates in between do not change it."""
     from unittest import mock
 
     from verl.utils import tensordict_utils as tu
@@ -43,15 +44,21 @@ def engine_selections(rank, world_size, model_path):
 
     knobs = {key: value for per_mode in KNOBS.values() for key, value in per_mode.items()}
     actor = harness.build_actor(
-        harness.ActorSetup(model_path=model_path, rollout_n=GROUP_SIZE, ppo_mini_batch_size=PROMPTS, policy_loss=knobs)
+        harness.ActorSetup(
+            model_path=model_path,
+            rollout_n=GROUP_SIZE,
+            ppo_mini_batch_size=PROMPTS,
+            policy_loss=knobs,
+            **(parallel or {}),
+        )
     )
     batch = with_spread_advantages(shared_batch(actor, model_path, PROMPTS, GROUP_SIZE, 0))
     batch.non_tensor_batch[ROW_ID] = np.arange(len(batch), dtype=object)
     local = harness.actor_chunk(actor, batch)
     members = Selection.members
-    out = {"batch": batch}
+    out = {"batch": batch, "dp_rank": actor.engine.get_data_parallel_rank()}
     for loss_mode in KNOBS:
-        for layout in LAYOUTS:
+        for layout in layouts:
             selected, calls = set(), []
 
             def recording(self, cov, keys, valid, selected=selected, calls=calls):
@@ -65,7 +72,7 @@ def engine_selections(rank, world_size, model_path):
                 metrics = harness.train_step(actor, local, loss_mode=loss_mode, **step_layout(layout))
             out[(loss_mode, tuple(layout.items()))] = {"selected": selected, "calls": calls, "metrics": metrics}
         with verl_counts(VERL_MODE[loss_mode]) as counts:
-            harness.train_step(actor, local, loss_mode=VERL_MODE[loss_mode], **step_layout(LAYOUTS[0]))
+            harness.train_step(actor, local, loss_mode=VERL_MODE[loss_mode], **step_layout(layouts[0]))
         out[VERL_MODE[loss_mode]] = counts
     return out
 
