@@ -279,9 +279,13 @@ def test_outside_a_verl_engine_it_says_where_to_call_it():
         get_policy_loss_fn(KL_COV_MINIBATCH)(old, current, adv, mask, "token-mean", config(loss_mode=KL_COV_MINIBATCH))
 
 
+BAD_CASES = ("nan_adv", "nan_old", "shape", "empty")
+
+
 def two_rank_call(rank, world_size, case):
-    """One clip/kl_cov_minibatch call per rank over the gloo WORLD, with ``case``'s bad input on one rank; the
-    error each rank raised (or its selected count and the mini-batch's)."""
+    """One clip/kl_cov_minibatch call per rank over the gloo WORLD, with ``case``'s bad input on one rank
+    (:data:`BAD_CASES`); the error each rank raised, or its metrics and valid tokens. Run by the two-rank launch
+    of ``tests/test_cov_selection_dp.py``, which checks the results."""
     import torch.distributed as dist
 
     from cw_verl.context import loss_call
@@ -308,23 +312,3 @@ def two_rank_call(rank, world_size, case):
         return {"error": str(error)}
     loss.backward()
     return {"metrics": metrics, "tokens": int(mask.sum())}
-
-
-def test_bad_input_on_one_rank_stops_both_ranks_with_a_clear_error_and_an_empty_rank_takes_part():
-    from tests.ranks import run_on_ranks
-
-    results = run_on_ranks(_both_cases, 2)
-    nan_adv = [r["nan_adv"]["error"] for r in results]
-    assert all("non-finite advantages" in e for e in nan_adv) and "rank 1: 1" in nan_adv[0]
-    assert all("non-finite old log-prob" in r["nan_old"]["error"] for r in results)
-    assert "old_log_prob has shape" in results[1]["shape"]["error"]
-    assert "rank(s) [1]" in results[0]["shape"]["error"]
-    empty = [r["empty"] for r in results]
-    k = max(int(0.05 * empty[0]["tokens"]), 1)  # rank 1 holds no valid token: N is rank 0's
-    assert empty[1]["tokens"] == 0
-    for r in empty:
-        assert r["metrics"]["actor/cov_select/k"] == k == r["metrics"]["actor/cov_select/selected"]
-
-
-def _both_cases(rank, world_size):
-    return {case: two_rank_call(rank, world_size, case) for case in ("nan_adv", "nan_old", "shape", "empty")}

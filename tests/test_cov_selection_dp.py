@@ -11,6 +11,7 @@ import torch
 
 from tests.fake_engine import NUM_SEQUENCES, ROW_ID, train_step
 from tests.ranks import run_on_ranks
+from tests.test_cov_losses import BAD_CASES, two_rank_call
 
 KNOBS = {
     "kl_cov_minibatch": {"kl_cov_ratio": 0.05},
@@ -122,7 +123,9 @@ def selections(rank, world_size, loss_mode, variants):
 
 
 def both_modes(rank, world_size, variants):
-    return {loss_mode: selections(rank, world_size, loss_mode, variants) for loss_mode in KNOBS}
+    out = {loss_mode: selections(rank, world_size, loss_mode, variants) for loss_mode in KNOBS}
+    out["bad input"] = {case: two_rank_call(rank, world_size, case) for case in BAD_CASES}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +191,17 @@ def test_each_rank_sends_o_of_k_plus_calls_numbers_per_mini_batch(runs):
             calls = r[variant]["calls"]
             assert r[variant]["rounds"] == 4 + calls
             assert r[variant]["bytes"] == 8 * (23 + 2 * (k + 1) + calls)
+
+
+def test_bad_input_on_one_rank_stops_both_ranks_with_a_clear_error_and_an_empty_rank_takes_part(two_ranks):
+    results = [r["bad input"] for r in two_ranks]
+    nan_adv = [r["nan_adv"]["error"] for r in results]
+    assert all("non-finite advantages" in e for e in nan_adv) and "rank 1: 1" in nan_adv[0]
+    assert all("non-finite old log-prob" in r["nan_old"]["error"] for r in results)
+    assert "old_log_prob has shape" in results[1]["shape"]["error"]
+    assert "rank(s) [1]" in results[0]["shape"]["error"]
+    empty = [r["empty"] for r in results]
+    k = max(int(0.05 * empty[0]["tokens"]), 1)  # rank 1 holds no valid token: N is rank 0's
+    assert empty[1]["tokens"] == 0
+    for r in empty:
+        assert r["metrics"]["actor/cov_select/k"] == k == r["metrics"]["actor/cov_select/selected"]
