@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from cw_verl.distributed import raise_together, resolve_data_parallel_group
-from cw_verl.selection import DRAW, TOP, SelectionRule, token_keys
+from cw_verl.selection import DRAW, TOP, SelectionRule
 from cw_verl.verl_losses import (
     MINIBATCH,
     call_checks,
@@ -116,7 +116,7 @@ def covariance_selection_loss(
     old_log_prob = torch.where(valid, old_log_prob, 0.0)
     advantages = torch.where(valid, advantages, 0.0)
     cov = token_covariance(scoped.stats, old_log_prob, advantages)
-    selected = scoped.selection.members(cov, token_keys(old_log_prob, advantages, valid), valid)
+    selected = scoped.selection.members(cov, valid, old_log_prob, advantages)
 
     negative_approx_kl = log_prob - old_log_prob
     ratio = torch.exp(negative_approx_kl)

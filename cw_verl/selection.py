@@ -134,18 +134,31 @@ class Selection:
     selected: int
     kth_cov: float
 
-    def members(self, cov: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` bool: which of these tokens are selected (a pointwise test, no collective).
+    def members(
+        self, cov: torch.Tensor, valid: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
+    ) -> torch.Tensor:
+        """Which of these tokens are selected: a pointwise test, no collective.
 
         Args:
             cov: ``[B, T]`` the tokens' ``c`` from the scope's means, as the statistics pass computed them.
-            keys: ``[B, T]`` their :func:`token_keys`.
             valid: ``[B, T]`` valid-token mask.
+            old_log_prob: ``[B, T]`` the old log-probs the selection was made from (for :func:`token_keys`).
+            advantages: ``[B, T]`` their advantages.
+
+        Returns:
+            ``[B, T]`` bool, False outside ``valid``.
         """
+        eligible = self.rule.eligible(cov, valid)
         primary = self.rule.primary(cov).to(F64)
         bound, bound_key = self.threshold[0], self.threshold[1:].view(torch.int64)[0]
-        inside = (primary < bound) | ((primary == bound) & (keys <= bound_key))
-        return self.rule.eligible(cov, valid) & inside
+        inside = primary < bound
+        at_bound = eligible & (primary == bound)
+        # Only the tokens at the threshold's primary need their keys (KL-Cov: ties of c, rare; Clip-Cov: every
+        # candidate when k < candidates). On a CPU the keys cost several times verl's loss, so they are made only
+        # when some token is there; on a GPU they are cheap and the test would wait for the device.
+        if cov.device.type != "cpu" or bool(at_bound.any()):
+            inside |= at_bound & (token_keys(old_log_prob, advantages, valid) <= bound_key)
+        return eligible & inside
 
 
 def _smallest_pairs(primary: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

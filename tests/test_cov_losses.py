@@ -57,7 +57,7 @@ def ours(loss_mode, old, current, adv, mask, cfg, rollout_is_weights=None):
         loss, metrics = get_policy_loss_fn(loss_mode)(old, current, adv, mask, "token-mean", cfg, rollout_is_weights)
         rule = selection_rule(loss_mode, cfg)
         scoped = current_train_batch().statistics[(MINIBATCH, rule)]
-        selected = scoped.selection.members(token_covariance(scoped.stats, old, adv), token_keys(old, adv, mask), mask)
+        selected = scoped.selection.members(token_covariance(scoped.stats, old, adv), mask, old, adv)
     (grad,) = torch.autograd.grad(loss, current)
     return loss.detach(), grad, metrics, selected
 
@@ -173,7 +173,7 @@ def test_clip_cov_draw_is_spread_over_the_candidates():
         mask = torch.ones_like(mask)
         cov = (old - old.mean()) * (adv - adv.mean())
         sel = select(rule, 40, cov, mask, token_keys(old, adv, mask), local_gather)
-        counts += sel.members(cov, token_keys(old, adv, mask), mask)
+        counts += sel.members(cov, mask, old, adv)
     # 40 of 160 drawn per batch: 50 expected per token over 200 batches (binomial sd ~6).
     assert counts.sum() == 200 * 40 and 20 < counts.min() and counts.max() < 80
 
@@ -188,13 +188,13 @@ def test_selection_is_the_same_for_any_sharding_and_breaks_exact_ties_by_key():
     k_tie = next(i + 1 for i in range(len(ordered) - 1) if ordered[i] == ordered[i + 1])  # k-th in a tie
     for rule, k in ((SelectionRule(TOP, 0.1), k_tie), (SelectionRule(DRAW, 0.1, 0.1, 1.5), 9)):
         whole = select(rule, k, cov, mask, keys, local_gather)
-        expected = whole.members(cov, keys, mask)
+        expected = whole.members(cov, mask, old, adv)
         assert int(expected.sum()) == whole.selected == min(k, whole.eligible) and whole.eligible > k
         for cuts in ([0, 3, 8], [0, 1, 2, 5, 7, 8]):
             shards = [slice(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
             results, errors = run_lockstep(
                 lambda s, gather, rule=rule, k=k: select(rule, k, cov[s], mask[s], keys[s], gather).members(
-                    cov[s], keys[s], mask[s]
+                    cov[s], mask[s], old[s], adv[s]
                 ),
                 shards,
             )

@@ -38,8 +38,8 @@ def recorded_selection():
     record = {"selected": set(), "bytes": 0, "rounds": 0}
     members, group_gather = Selection.members, verl_losses.group_gather
 
-    def recording_members(self, cov, keys, valid):
-        selected = members(self, cov, keys, valid)
+    def recording_members(self, cov, valid, old_log_prob, advantages):
+        selected = members(self, cov, valid, old_log_prob, advantages)
         rows = tu.get(current_loss_call().micro_batch, ROW_ID)
         record["selected"] |= {(rows[r], t) for r, t in selected.nonzero().tolist()}
         return selected

@@ -61,8 +61,8 @@ def engine_selections(rank, world_size, model_path, layouts=LAYOUTS, parallel=No
         for layout in layouts:
             selected, calls = set(), []
 
-            def recording(self, cov, keys, valid, selected=selected, calls=calls):
-                chosen = members(self, cov, keys, valid)
+            def recording(self, cov, valid, old_log_prob, advantages, selected=selected, calls=calls):
+                chosen = members(self, cov, valid, old_log_prob, advantages)
                 rows = tu.get(current_loss_call().micro_batch, ROW_ID)
                 selected.update((int(rows[r]), t) for r, t in chosen.nonzero().tolist())
                 calls.append(int(valid.sum()))
@@ -102,7 +102,7 @@ def one_selection(batch, loss_mode):
     stats, tokens = scope_statistics(old, adv, mask)
     keys = token_keys(old, adv, mask)
     selection = select(rule, rule.count(int(mask.sum())), tokens.cov, tokens.valid, keys, lambda t: t[None])
-    chosen = selection.members(tokens.cov, keys, tokens.valid)
+    chosen = selection.members(tokens.cov, tokens.valid, old, adv)
     return {(r, t) for r, t in chosen.nonzero().tolist()}, selection
 
 
