@@ -1,7 +1,9 @@
 """clip_cov_minibatch and kl_cov_minibatch on verl's real actor path (TrainingWorker, FSDP2 engine, verl's
 micro-batching and ppo_loss) on two gloo ranks: with several micro-batches per rank, fixed or token-packed,
-the tokens selected are the set of one selection over the whole mini-batch; verl's own clip_cov and kl_cov
-select another number of tokens on the same update (the negative control)."""
+the tokens selected are the set of one selection over the whole mini-batch, in each of two PPO epochs; verl's
+own clip_cov and kl_cov select another number of tokens on the same update (the negative control)."""
+
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from tests.test_cov_selection_dp import KNOBS, VERL_MODE, verl_counts
 
 PROMPTS, GROUP_SIZE = 4, 4  # 16 sequences
 LAYOUTS = [{"micro_batch_size": 2}, {"max_token_len": 40}]
+EPOCHS = 2  # ppo_epochs: the mini-batch is trained twice, its selection made twice
 
 
 def with_spread_advantages(batch):
@@ -26,12 +29,13 @@ def with_spread_advantages(batch):
     return batch
 
 
-def engine_selections(rank, world_size, model_path, layouts=LAYOUTS, parallel=None):
+def engine_selections(rank, world_size, model_path, layouts=LAYOUTS, parallel=None, epochs=1):
     """One actor on the ranks (``parallel``: further ActorSetup keys, e.g. a Megatron layout): it samples the
     batch (:func:`tests.support.batch.shared_batch`), then per loss mode and micro-batch layout makes one update
-    and records the (row, position) pairs this rank's calls selected, its call count and the metrics; then
-    verl's own mode on the first layout, with its per-call counts. The selection is made from the batch's old
-    log-probs, so the updates in between do not change it."""
+    of ``epochs`` PPO epochs and records the (row, position) pairs this rank's calls selected (``picks``: every
+    time one was), its call count and the metrics; then verl's own mode on the first layout, with its per-call
+    counts. The selection is made from the batch's old log-probs, so the updates in between do not change it."""
+    import dataclasses
     from unittest import mock
 
     from verl.utils import tensordict_utils as tu
@@ -55,22 +59,28 @@ def engine_selections(rank, world_size, model_path, layouts=LAYOUTS, parallel=No
     batch = with_spread_advantages(shared_batch(actor, model_path, PROMPTS, GROUP_SIZE, 0))
     batch.non_tensor_batch[ROW_ID] = np.arange(len(batch), dtype=object)
     local = harness.actor_chunk(actor, batch)
+    actor.setup = dataclasses.replace(actor.setup, ppo_epochs=epochs)  # read by train_step for each update
     members = Selection.members
     out = {"batch": batch, "dp_rank": actor.engine.get_data_parallel_rank()}
     for loss_mode in KNOBS:
         for layout in layouts:
-            selected, calls = set(), []
+            picks, calls = [], []
 
-            def recording(self, cov, valid, old_log_prob, advantages, selected=selected, calls=calls):
+            def recording(self, cov, valid, old_log_prob, advantages, picks=picks, calls=calls):
                 chosen = members(self, cov, valid, old_log_prob, advantages)
                 rows = tu.get(current_loss_call().micro_batch, ROW_ID)
-                selected.update((int(rows[r]), t) for r, t in chosen.nonzero().tolist())
+                picks.extend((int(rows[r]), t) for r, t in chosen.nonzero().tolist())
                 calls.append(int(valid.sum()))
                 return chosen
 
             with mock.patch.object(Selection, "members", recording):
                 metrics = harness.train_step(actor, local, loss_mode=loss_mode, **step_layout(layout))
-            out[(loss_mode, tuple(layout.items()))] = {"selected": selected, "calls": calls, "metrics": metrics}
+            out[(loss_mode, tuple(layout.items()))] = {
+                "selected": set(picks),
+                "picks": picks,
+                "calls": calls,
+                "metrics": metrics,
+            }
         with verl_counts(VERL_MODE[loss_mode]) as counts:
             harness.train_step(actor, local, loss_mode=VERL_MODE[loss_mode], **step_layout(layouts[0]))
         out[VERL_MODE[loss_mode]] = counts
@@ -110,7 +120,7 @@ def one_selection(batch, loss_mode):
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("policy")
     model_path, _ = build_demo_model(tmp, ReversalTask(), TinyModelSpec(), WarmStart(steps=20), 0)
-    per_rank = run_on_ranks(engine_selections, 2, str(model_path))
+    per_rank = run_on_ranks(engine_selections, 2, str(model_path), LAYOUTS, None, EPOCHS)
     return per_rank[0]["batch"], per_rank
 
 
@@ -127,6 +137,9 @@ def test_dp2_engine_selection_equals_the_one_call_set_and_verls_count_moves(resu
         assert min(len(r["calls"]) for r in ours) > 1, layout  # several micro-batches on each rank
         union = set().union(*(r["selected"] for r in ours))
         assert sum(len(r["selected"]) for r in ours) == len(union) and union == expected, layout
+        # every PPO epoch selected the same tokens: each one picked once per epoch
+        for r in ours:
+            assert Counter(r["picks"]) == dict.fromkeys(r["selected"], EPOCHS), layout
         for r in ours:
             assert r["metrics"]["actor/cov_select/selected"] == selection.selected
             assert r["metrics"]["actor/cov_select/k"] == selection.k
