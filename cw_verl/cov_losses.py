@@ -140,7 +140,7 @@ def covariance_selection_loss(
     loss = agg_loss(loss_mat=pg_losses, loss_mask=valid, loss_agg_mode=loss_agg_mode, **config.global_batch_info)
     loss = connected_zero_if_empty(loss, log_prob, valid)
 
-    # The call's one read to the host: every rank's check and verl's metrics.
+    # One read to the host for every rank's check and verl's metrics, after the loss is queued.
     values = torch.cat([checks.to(torch.float64), torch.stack(pg_values).detach().to(torch.float64)]).tolist()
     raise_together(values[: len(checks)], None, CovarianceInputError, group)
     selection = scoped.selection

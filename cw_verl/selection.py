@@ -19,8 +19,8 @@ bits) and of its position in the response: a function of the token alone, so the
 any micro-batch, fresh at every step (the old log-probs change with the policy), and the same again after a
 resume. Two tokens agree in key only if their rows agree in every valid old log-prob and advantage (e.g. the
 same response twice) or the hash collides (about ``n^2 / 2^63`` for ``n`` tokens); two such tokens with the
-same ``c`` are selected together, so the count can then exceed ``k`` (:attr:`Selection.selected` counts
-what was selected).
+same ``c`` are selected together, so the count can then exceed ``k`` (:attr:`Selection.selected` is
+``min(k, eligible)`` and does not count such a twin).
 
 One gather round: each rank ships its own ``k`` smallest pairs and its count of eligible tokens, ``[k + 1, 2]``
 float64 (``16 (k + 1)`` bytes); every rank merges the same stack into the same threshold pair.
@@ -124,8 +124,9 @@ class SelectionRule:
 class Selection:
     """A scope's selection, identical on every rank: the tokens whose pair ``(primary, key)`` is at most the
     threshold pair. ``eligible``: tokens that could be selected (all valid tokens, or Clip-Cov's candidates)
-    in the scope; ``selected``: how many were (``min(k, eligible)`` unless keys tie); ``kth_cov``: the
-    covariance of the last token selected (KL-Cov's threshold; NaN when nothing was)."""
+    in the scope; ``selected``: ``min(k, eligible)``, how many were (a twin of the k-th token, equal in ``c`` and
+    key, is selected too and not counted); ``kth_cov``: the covariance of the last token selected (KL-Cov's
+    threshold; NaN when nothing was, and for Clip-Cov)."""
 
     rule: SelectionRule
     k: int
