@@ -9,6 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cw_verl.authors_loss import AUTHORS_LOSS_MODE, compute_policy_loss_cw_grpo_authors
+from cw_verl.cov_losses import (
+    CLIP_COV_MINIBATCH,
+    KL_COV_MINIBATCH,
+    compute_policy_loss_clip_cov_minibatch,
+    compute_policy_loss_kl_cov_minibatch,
+)
 from cw_verl.verl_ep import EP_GRPO, compute_ep_grpo_advantage
 from cw_verl.verl_losses import (
     CW_GRPO,
@@ -36,6 +42,8 @@ workers' guard treat exactly these as CW losses."""
 
 OTHER_POLICY_LOSSES: dict[str, tuple[Callable, str]] = {
     VANILLA_WITH_CW_METRICS: (compute_policy_loss_vanilla_cw_metrics, "verl's vanilla loss + actor/cw/* metrics"),
+    CLIP_COV_MINIBATCH: (compute_policy_loss_clip_cov_minibatch, "verl's clip_cov, tokens drawn once per mini-batch"),
+    KL_COV_MINIBATCH: (compute_policy_loss_kl_cov_minibatch, "verl's kl_cov, global top-k once per mini-batch"),
 }
 """Loss modes cw_verl adds that train plain PPO/GRPO (so the config rules refuse them with ``cw_grpo``)."""
 

@@ -48,6 +48,7 @@ import torch
 
 from cw_verl.context import current_loss_call, current_train_batch
 from cw_verl.distributed import group_gather, raise_together, resolve_data_parallel_group
+from cw_verl.selection import Selection, SelectionRule, select, token_keys
 from cw_verl.weights import (
     CovarianceInputError,
     ScopeStatistics,
@@ -167,10 +168,12 @@ def _padded(batch, *fields):
 
 @dataclass(frozen=True)
 class MiniBatchStatistics:
-    """A wide scope's statistics for one optimizer mini-batch, with its metrics read to the host once."""
+    """A wide scope's statistics for one optimizer mini-batch, with its metrics read to the host once, and
+    the Clip-Cov/KL-Cov selection made from them (``None`` for the CW losses)."""
 
     stats: ScopeStatistics
     metrics: dict[str, float]
+    selection: Selection | None = None
 
 
 @dataclass(frozen=True)
@@ -213,13 +216,18 @@ def _group_rows_problem(stats: ScopeStatistics, rollout_n: int) -> torch.Tensor:
     return (present & (stats.rows != rollout_n)).any().to(torch.float64)[None]
 
 
-def mini_batch_statistics(scope: str, group, config, device, call_shape=None) -> MiniBatchStatistics:
+def mini_batch_statistics(
+    scope: str, group, config, device, call_shape=None, rule: SelectionRule | None = None
+) -> MiniBatchStatistics:
     """Statistics of this optimizer mini-batch in ``scope``, computed on its first loss call and cached.
 
     The mini-batch's ``old_log_probs``, ``advantages`` and ``response_mask`` are moved to ``device`` (where
     the micro-batches run); the statistics, weights and metrics stay there until one read to the host,
     which also carries every rank's input check. When the first call's ``[B, T]`` ``call_shape`` is the
-    mini-batch's, the pass's weighed tokens are kept for that call (:class:`StatisticsPass`).
+    mini-batch's, the pass's weighed tokens are kept for that call (:class:`StatisticsPass`). With a
+    selection ``rule`` (Clip-Cov, KL-Cov; :data:`MINIBATCH` scope only), the checked pass's ``c`` feed one more
+    gather round that selects the mini-batch's tokens (:func:`cw_verl.selection.select`), cached with the
+    statistics under ``(scope, rule)``.
     """
     call = current_train_batch()
     if call is None:
@@ -227,8 +235,9 @@ def mini_batch_statistics(scope: str, group, config, device, call_shape=None) ->
             f"cw_grpo_{scope} computes its statistics once per optimizer mini-batch from the batch verl's engine "
             "trains on (BaseEngine.train_batch); call it through a verl engine, or use cw_grpo_microbatch."
         )
-    if scope in call.statistics:
-        return call.statistics[scope]
+    cache_key = scope if rule is None else (scope, rule)
+    if cache_key in call.statistics:
+        return call.statistics[cache_key]
     fields = _padded(call.mini_batch, "old_log_probs", "advantages", "response_mask")
     old_log_prob, advantages, mask = (t.to(device, non_blocking=True) for t in fields)
     problem = check_inputs(old_log_prob, advantages, mask)
@@ -257,14 +266,28 @@ def mini_batch_statistics(scope: str, group, config, device, call_shape=None) ->
             "the group scope needs each prompt's responses in one mini-batch (ppo_mini_batch_size in whole "
             "prompts, one mini-batch per update, no multi-trajectory outputs)."
         )
-    result = MiniBatchStatistics(stats, _metrics_dict(values[1 : 1 + len(SCOPE_METRICS) + len(RANK_METRICS)]))
-    call.statistics[scope] = result
+    metrics = _metrics_dict(values[1 : 1 + len(SCOPE_METRICS) + len(RANK_METRICS)])
+    selection = None
+    if rule is not None:
+        if metrics["actor/cw/excluded_tokens"] > 0:
+            # Every rank has the same global count: all stop here, before the selection round.
+            raise CovarianceInputError(
+                f"{int(metrics['actor/cw/excluded_tokens'])} valid tokens of this mini-batch have a non-finite "
+                "old log-prob; their ratio, and so Clip-Cov's and KL-Cov's loss, is undefined. Check the actor's "
+                "old log-prob computation and the response mask."
+            )
+        keys = token_keys(old_log_prob, advantages, mask)
+        k = rule.count(int(metrics["actor/cw/num_tokens"]))
+        selection = select(rule, k, tokens.cov, tokens.valid, keys, group_gather(group))
+    result = MiniBatchStatistics(stats, metrics, selection)
+    call.statistics[cache_key] = result
     if call_shape is not None and tuple(call_shape) == tuple(mask.shape):
         call.first_call_weights[scope] = StatisticsPass(old_log_prob, advantages, mask, tokens)
     return result
 
 
-def _call_problem(scope_log_prob, old_log_prob, log_prob, advantages, response_mask) -> str | None:
+def call_problem(scope_log_prob, old_log_prob, log_prob, advantages, response_mask) -> str | None:
+    """Why one loss call's ``[B, T]`` tensors cannot be used (``None`` if they can): shapes and types only."""
     problem = check_inputs(scope_log_prob, advantages, response_mask)
     if problem is None and old_log_prob.shape != log_prob.shape:
         problem = f"old_log_prob has shape {tuple(old_log_prob.shape)}, log_prob {tuple(log_prob.shape)}"
@@ -343,7 +366,7 @@ class _CallWeights:
 def _call_scope_weights(old_log_prob, log_prob, advantages, response_mask, group) -> _CallWeights:
     """``cw_grpo_microbatch``: this call's statistics, from the current log-probs, over the DP group; every
     rank's input check rides in their rounds."""
-    problem = _call_problem(log_prob, old_log_prob, log_prob, advantages, response_mask)
+    problem = call_problem(log_prob, old_log_prob, log_prob, advantages, response_mask)
     stats, tokens = scope_statistics(log_prob, advantages, response_mask, group_gather(group), problem=problem)
     metric_count = len(SCOPE_METRICS) + len(RANK_METRICS)
     checks = torch.cat([_scope_metrics(stats, tokens), stats.status.flatten()])
@@ -361,7 +384,7 @@ def _mini_batch_scope_weights(scope, old_log_prob, log_prob, advantages, respons
     """``cw_grpo_minibatch``/``cw_grpo_group``: the weights from the mini-batch's statistics (computed on its
     first call, from ``old_log_probs``); one one-element all-gather per call, so that a bad micro-batch on one
     rank stops every rank here."""
-    problem = _call_problem(old_log_prob, old_log_prob, log_prob, advantages, response_mask)
+    problem = call_problem(old_log_prob, old_log_prob, log_prob, advantages, response_mask)
     device = log_prob.device if isinstance(log_prob, torch.Tensor) else torch.device("cpu")
     call_shape = None if problem is not None else response_mask.shape
     scoped = mini_batch_statistics(scope, group, config, device, call_shape)
@@ -376,11 +399,7 @@ def _mini_batch_scope_weights(scope, old_log_prob, log_prob, advantages, respons
             keys = uid_keys(uids).to(device, non_blocking=True)
             slots = stats.slots_of(keys).clamp(max=len(stats.keys) - 1)  # [B]: each row's segment
             flag = (stats.keys[slots] != keys).any().to(torch.float64)[None]
-    if problem is not None:
-        flag = torch.ones(1, dtype=torch.float64, device=device)
-    checks = group_gather(group)(flag).flatten() if group is not None else flag
-    if problem is not None:
-        raise_together(checks.tolist(), problem, CovarianceInputError, group, UNCOVERED)
+    checks = call_checks(problem, flag, group, device)
     # The first call of a mini-batch may be the whole mini-batch (one micro-batch per update).
     first = current_train_batch().first_call_weights.pop(scope, None)
     weights = None if first is None else first.weights_for(old_log_prob, advantages, response_mask, slots)
@@ -393,6 +412,19 @@ def _mini_batch_scope_weights(scope, old_log_prob, log_prob, advantages, respons
         return dict(scoped.metrics)
 
     return _CallWeights(weights, checks, finish)
+
+
+def call_checks(problem: str | None, flag: torch.Tensor, group, device) -> torch.Tensor:
+    """Every rank's ``[1]`` check of this loss call, gathered (one one-element all-gather; multi-rank only).
+
+    Raises at once, on every rank, when any rank knows its call is unusable (``problem``); the checks done
+    on the device (``flag``) are read with the call's metrics and raised by :func:`raise_together` then."""
+    if problem is not None:
+        flag = torch.ones(1, dtype=torch.float64, device=device)
+    checks = group_gather(group)(flag).flatten() if group is not None else flag
+    if problem is not None:
+        raise_together(checks.tolist(), problem, CovarianceInputError, group, UNCOVERED)
+    return checks
 
 
 def reweighted_advantages(weights: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -450,9 +482,15 @@ def verl_ppo_loss(
         config=config,
         rollout_is_weights=rollout_is_weights,
     )
+    return connected_zero_if_empty(loss, log_prob, response_mask), metrics
+
+
+def connected_zero_if_empty(loss: torch.Tensor, log_prob: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``loss``, or for a call without valid tokens a zero that still reaches every parameter (all ranks run the
+    same backward) where verl's aggregation would divide 0 by 0 without ``global_batch_info``."""
     if not bool(response_mask.any()):
-        loss = torch.where(response_mask.bool(), log_prob, 0.0).sum() * 0.0
-    return loss, metrics
+        return torch.where(response_mask.bool(), log_prob, 0.0).sum() * 0.0
+    return loss
 
 
 def _scoped_policy_loss(loss_mode: str, scope: str):

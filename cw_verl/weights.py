@@ -468,18 +468,45 @@ def token_weights(
         out of the statistics). Positions outside the rows' masks get a value too: mask them.
     """
     dtype = compute_dtype(torch.promote_types(log_prob.dtype, advantages.dtype))
-    fields = (stats.logp_mean, stats.adv_mean, stats.inv_two_var, stats.abs_c_min, stats.norm)
-    params = torch.stack(fields, dim=1).to(dtype)  # [G, 5]
-    params = (params[:1] if row_slots is None else params[row_slots])[:, :, None]  # [B or 1, 5, 1]
-    logp_mean, adv_mean, inv_two_var, abs_c_min, norm = params.unbind(1)
-    # A non-finite log-prob becomes NaN (an infinite |c| would be clamped to the smallest kernel, not 0),
-    # and its NaN weight 0 below.
-    nan = math.nan
-    logp = torch.nan_to_num(log_prob.detach().to(dtype), nan=nan, posinf=nan, neginf=nan)
-    # The same operations as the statistics pass (scope_statistics), so that the weights are bitwise its own.
-    abs_cov = (logp - logp_mean).mul_(advantages.detach().to(dtype) - adv_mean).abs_()
+    params = _slot_params(stats, (stats.inv_two_var, stats.abs_c_min, stats.norm), dtype, row_slots)
+    inv_two_var, abs_c_min, norm = params.unbind(1)
+    # A non-finite log-prob's NaN |c| (an infinite one would be clamped to the smallest kernel, not 0) weighs 0 below.
+    abs_cov = token_covariance(stats, log_prob, advantages, row_slots).abs_()
     weights = kernel(abs_cov, abs_c_min, inv_two_var).mul_(norm)
     return torch.nan_to_num_(weights, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _slot_params(stats: ScopeStatistics, fields, dtype, row_slots) -> torch.Tensor:
+    """``[B or 1, len(fields), 1]``: per-segment fields for each row, in ``dtype``."""
+    params = torch.stack(fields, dim=1).to(dtype)
+    return (params[:1] if row_slots is None else params[row_slots])[:, :, None]
+
+
+def token_covariance(
+    stats: ScopeStatistics,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    row_slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sec. 2.3's ``c = (logp - mean(logp)) (A - mean(A))`` of some rows from the scope's means: a pointwise
+    function, no collective, bitwise the ``c`` of the statistics pass at the tokens in the statistics.
+
+    Args:
+        stats: the scope's :class:`ScopeStatistics`.
+        log_prob: ``[B, T]`` log-probs of the tokens (the ones the statistics were computed from).
+        advantages: ``[B, T]`` their advantages.
+        row_slots: ``[B]`` each row's segment slot, or ``None`` for a scope of one segment.
+
+    Returns:
+        ``[B, T]`` ``c`` in the compute precision; NaN where the log-prob is not finite, a value (to mask)
+        outside the rows' masks.
+    """
+    dtype = compute_dtype(torch.promote_types(log_prob.dtype, advantages.dtype))
+    logp_mean, adv_mean = _slot_params(stats, (stats.logp_mean, stats.adv_mean), dtype, row_slots).unbind(1)
+    nan = math.nan
+    logp = torch.nan_to_num(log_prob.detach().to(dtype), nan=nan, posinf=nan, neginf=nan)
+    # The same operations as the statistics pass (scope_statistics), so that c is bitwise its own.
+    return (logp - logp_mean).mul_(advantages.detach().to(dtype) - adv_mean)
 
 
 def raise_for_bad_input(status, problem: str | None = None, what: str = "the statistics scope", tokens=None) -> None:

@@ -5,6 +5,8 @@
 # the paper's trl settings to verl's is explained in recipes/README.md.
 #
 #   ARM=grpo|clip_cov|cw_grpo  selects the Table 2 row; nothing else differs between arms.
+#   ARM=clip_cov_minibatch|kl_cov_minibatch  verl's Clip-Cov / KL-Cov with the tokens selected once per optimizer
+#                              mini-batch over all ranks (cw_verl/cov_losses.py); verl's knob defaults.
 #   GRPO_LOSS_MODE=vanilla_cw_metrics  the grpo arm also logs the covariance percentiles (Table 1), same loss.
 #   ARM=cw_grpo_authors        the authors' released objective and reward rules (recipes/README.md).
 #   ARM=ep_grpo                not a Table 2 row: EP-GRPO (README "EP-GRPO"), GRPO's loss on its token advantages.
@@ -54,6 +56,8 @@ case "$ARM" in
     # GRPO_LOSS_MODE=vanilla_cw_metrics: the same loss, bitwise, also logging the actor/cw/* covariance metrics.
     grpo) ADV_ESTIMATOR=grpo LOSS_MODE=${GRPO_LOSS_MODE:-vanilla} ;;
     clip_cov) ADV_ESTIMATOR=grpo LOSS_MODE=clip_cov ;;
+    # The same objectives, their tokens selected over the whole mini-batch (not per micro-batch, verl #7829).
+    clip_cov_minibatch | kl_cov_minibatch) ADV_ESTIMATOR=grpo LOSS_MODE=$ARM ;;
     # The paper's statistics scope: each prompt's G responses (Sec. 2.3; trl's loss call saw exactly one
     # group). Whole groups are guaranteed here by the one mini-batch per step. CW_LOSS_MODE=cw_grpo takes
     # cw_verl's default mini-batch scope instead (README: statistics scopes).
@@ -64,7 +68,7 @@ case "$ARM" in
     # EP-GRPO (issue 12): verl's vanilla loss on entropy-gated, progress-anchored token advantages. Its progress
     # signal needs the reference policy, which the KL loss below starts (KL_COEF=0 keeps it without a penalty).
     ep_grpo) ADV_ESTIMATOR=ep_grpo LOSS_MODE=vanilla ;;
-    *) die "ARM must be grpo, clip_cov, cw_grpo, cw_grpo_authors or ep_grpo (got '$ARM')" ;;
+    *) die "ARM must be grpo, clip_cov, clip_cov_minibatch, kl_cov_minibatch, cw_grpo, cw_grpo_authors or ep_grpo (got '$ARM')" ;;
 esac
 # paper: App. C as written (cw_verl/paper/reward.py); authors: their released rules (cw_verl/paper/authors_reward.py).
 REWARD=${REWARD:-paper}

@@ -13,6 +13,8 @@ import torch.distributed as dist
 
 PROMPT, RESPONSE, VOCAB, HIDDEN = 4, 12, 13, 6
 NUM_SEQUENCES, GROUP_SIZE = 16, 4
+ROW_ID = "fake_row_id"
+"""Non-tensor field: each row's index in the global batch (``row-<i>``), carried through verl's micro-batching."""
 
 
 class ToyLM(torch.nn.Module):
@@ -71,6 +73,7 @@ def trainer_batch(rows, on_policy=False, interleaved_groups=True):
             "old_log_probs": old_log_probs[rows],
             "advantages": (adv[:, None] * response_mask)[rows],
             "uid": list(uids),
+            ROW_ID: [f"row-{int(row)}" for row in rows],
         },
         non_tensor_dict={"temperature": 1.0},
     )
@@ -141,6 +144,7 @@ def train_step(
     bridged=True,
     rollout_n=GROUP_SIZE,
     mark=None,
+    policy_loss=None,
     **batch_kw,
 ):
     """One optimizer mini-batch through the patched ``BaseEngine.train_batch``: DP-averaged gradients,
@@ -148,7 +152,7 @@ def train_step(
 
     ``micro_batch_size`` per rank (fixed micro-batches) or ``dynamic_tokens`` (verl's dynamic batch size,
     token-packed micro-batches of at most that many tokens). ``mark``: the advantage estimator the driver
-    recorded in the batch (cw_verl.patches.advantage_source).
+    recorded in the batch (cw_verl.patches.advantage_source). ``policy_loss``: further ``policy_loss`` knobs.
     """
     import verl  # noqa: F401  (loads the cw_verl plugin)
     from verl.utils import tensordict_utils as tu
@@ -171,7 +175,10 @@ def train_step(
         micro_batch_size_per_gpu=micro_batch_size or len(rows),
         max_token_len_per_gpu=dynamic_tokens or 0,
     )
-    config = actor_config("token-mean", policy_loss={"loss_mode": loss_mode}, rollout_n=rollout_n)
+    from verl.workers.config import PolicyLossConfig
+
+    knobs = PolicyLossConfig(loss_mode=loss_mode, **(policy_loss or {}))
+    config = actor_config("token-mean", policy_loss=knobs, rollout_n=rollout_n)
     model = ToyLM()
     engine = MinimalEngine(model, dist.group.WORLD if world_size > 1 else None)
     loss_fn = partial(ppo_loss, config=config)  # what engine_workers builds

@@ -36,7 +36,7 @@ def test_loss_mode_left_at_verls_default_follows_the_estimator(caplog):
     assert "follows the estimator: cw_grpo" in caplog.text
 
 
-@pytest.mark.parametrize("loss_mode", ["clip_cov", "gspo", "kl_cov"])
+@pytest.mark.parametrize("loss_mode", ["clip_cov", "gspo", "kl_cov", "clip_cov_minibatch", "kl_cov_minibatch"])
 def test_a_non_cw_loss_other_than_verls_default_is_an_error(loss_mode):
     config = verl_config("algorithm.adv_estimator=cw_grpo", f"{LOSS_MODE_KEY}={loss_mode}")
     with pytest.raises(ConfigConflictError, match=f"loss_mode={loss_mode}"):
@@ -56,9 +56,10 @@ def test_consistent_or_unrelated_settings_are_left_alone():
     config = verl_config("algorithm.adv_estimator=cw_grpo", f"{LOSS_MODE_KEY}=cw_grpo_microbatch")
     apply_config_rules(config, SYNC)
     assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "cw_grpo_microbatch"
-    config = verl_config("algorithm.adv_estimator=grpo", f"{LOSS_MODE_KEY}=clip_cov")
-    apply_config_rules(config, SYNC)
-    assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "clip_cov"
+    for loss_mode in ("clip_cov", "clip_cov_minibatch", "kl_cov_minibatch"):  # the baselines, with GRPO
+        config = verl_config("algorithm.adv_estimator=grpo", f"{LOSS_MODE_KEY}={loss_mode}")
+        apply_config_rules(config, SYNC)
+        assert config.actor_rollout_ref.actor.policy_loss.loss_mode == loss_mode
     config = verl_config("algorithm.adv_estimator=grpo", f"{LOSS_MODE_KEY}=cw_grpo")  # CW loss, GRPO estimator
     apply_config_rules(config, SYNC)
     assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "cw_grpo"

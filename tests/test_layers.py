@@ -23,6 +23,7 @@ LAYER_OF_MODULE = {
     # math: torch only
     "cw_verl": "math",
     "cw_verl.weights": "math",
+    "cw_verl.selection": "math",
     "cw_verl.authors_objective": "math",
     "cw_verl.ep": "math",
     # verl adapters: the math on verl's calling conventions and composed config
@@ -30,6 +31,7 @@ LAYER_OF_MODULE = {
     "cw_verl.distributed": "verl adapters",
     "cw_verl.verl_config": "verl adapters",
     "cw_verl.verl_losses": "verl adapters",
+    "cw_verl.cov_losses": "verl adapters",
     "cw_verl.authors_loss": "verl adapters",
     "cw_verl.verl_ep": "verl adapters",
     "cw_verl.ep_config": "verl adapters",

@@ -41,6 +41,8 @@ class ActorSetup:
     rollout_n: int
     ppo_mini_batch_size: int
     loss_mode: str = "vanilla"
+    # Further ``policy_loss`` knobs (e.g. ``clip_cov_ratio``, ``kl_cov_ratio``), as verl's PolicyLossConfig.
+    policy_loss: dict = dataclasses.field(default_factory=dict)
     ppo_micro_batch_size_per_gpu: int = 4
     use_dynamic_bsz: bool = False
     ppo_max_token_len_per_gpu: int = 1024
@@ -160,7 +162,7 @@ def _common_actor_keys(setup: ActorSetup) -> dict[str, Any]:
     from verl.workers.config import PolicyLossConfig
 
     return dict(
-        policy_loss=PolicyLossConfig(loss_mode=setup.loss_mode),
+        policy_loss=PolicyLossConfig(loss_mode=setup.loss_mode, **setup.policy_loss),
         rollout_n=setup.rollout_n,
         ppo_mini_batch_size=setup.ppo_mini_batch_size,
         ppo_micro_batch_size_per_gpu=setup.ppo_micro_batch_size_per_gpu,

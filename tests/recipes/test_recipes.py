@@ -15,7 +15,7 @@ import pytest
 import yaml
 from recipe_helpers import RECIPES, flatten, recipe_env, run_recipes
 
-ARMS = ("grpo", "clip_cov", "cw_grpo")
+ARMS = ("grpo", "clip_cov", "cw_grpo", "clip_cov_minibatch", "kl_cov_minibatch")
 MODELS = ("qwen7b", "r1_1p5b")
 # What may differ between arms of one model: the algorithm switch and everything named after the run.
 ARM_KEYS = {"algorithm.adv_estimator", "actor_rollout_ref.actor.policy_loss.loss_mode"}
@@ -108,11 +108,15 @@ def test_arms_differ_only_in_the_algorithm_and_run_names(runs, model):
         "grpo": "grpo",
         "clip_cov": "grpo",
         "cw_grpo": "cw_grpo",
+        "clip_cov_minibatch": "grpo",
+        "kl_cov_minibatch": "grpo",
     }
     assert {arm: flat[arm]["actor_rollout_ref.actor.policy_loss.loss_mode"] for arm in ARMS} == {
         "grpo": "vanilla",
         "clip_cov": "clip_cov",
         "cw_grpo": "cw_grpo_group",  # the paper's per-prompt-group statistics
+        "clip_cov_minibatch": "clip_cov_minibatch",
+        "kl_cov_minibatch": "kl_cov_minibatch",
     }
     for arm in ARMS[1:]:
         assert flat[arm].keys() == flat["grpo"].keys()
@@ -202,7 +206,11 @@ def test_actor_config_is_a_megatron_actor_config(runs):
     [
         ({"MODEL_PATH": "/nonexistent/model"}, "MODEL_PATH=/nonexistent/model is not a local Hugging Face model"),
         ({"DATA_DIR": "/nonexistent/data"}, "training data /nonexistent/data/open_rs.parquet not found"),
-        ({"ARM": "ppo"}, "ARM must be grpo, clip_cov, cw_grpo, cw_grpo_authors or ep_grpo (got 'ppo')"),
+        (
+            {"ARM": "ppo"},
+            "ARM must be grpo, clip_cov, clip_cov_minibatch, kl_cov_minibatch, cw_grpo, cw_grpo_authors or "
+            "ep_grpo (got 'ppo')",
+        ),
     ],
 )
 def test_fails_fast_before_python(models, data_dir, tmp_path, env, message):
