@@ -9,9 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from cw_verl.cpu.tiny_model import TinyModelSpec
-from cw_verl.demo.task import ReversalTask
-from cw_verl.demo.warmstart import WarmStart, build_demo_model
 from tests.ranks import run_on_ranks
 from tests.test_cov_selection_dp import KNOBS, VERL_MODE, verl_counts
 
@@ -117,10 +114,8 @@ def one_selection(batch, loss_mode):
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("policy")
-    model_path, _ = build_demo_model(tmp, ReversalTask(), TinyModelSpec(), WarmStart(steps=20), 0)
-    per_rank = run_on_ranks(engine_selections, 2, str(model_path), LAYOUTS, None, EPOCHS)
+def results(tiny_assets):
+    per_rank = run_on_ranks(engine_selections, 2, str(tiny_assets / "model"), LAYOUTS, None, EPOCHS)
     return per_rank[0]["batch"], per_rank
 
 

@@ -9,9 +9,6 @@ import pytest
 import torch
 
 from cw_verl.cpu.launch import run_ranks
-from cw_verl.cpu.tiny_model import TinyModelSpec
-from cw_verl.demo.task import ReversalTask
-from cw_verl.demo.warmstart import WarmStart, build_demo_model
 from tests.support.megatron_study import LAYOUTS
 from tests.test_cov_selection_dp import KNOBS, VERL_MODE
 from tests.test_cov_selection_engine import engine_selections, one_selection
@@ -23,15 +20,8 @@ MICRO_BATCHING = [{"micro_batch_size": 2}]  # 8 sequences per data-parallel rank
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("policy")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a loaded 2-core box: torch's default pool spins (tests/test_megatron_engine.py)
-    try:
-        model_path, _ = build_demo_model(tmp, ReversalTask(), TinyModelSpec(), WarmStart(steps=20), 0)
-    finally:
-        torch.set_num_threads(threads)
-    per_rank = run_ranks(megatron_layouts, 4, str(model_path), timeout_s=900.0, threads_per_rank=1)
+def results(tiny_assets):
+    per_rank = run_ranks(megatron_layouts, 4, str(tiny_assets / "model"), timeout_s=900.0, threads_per_rank=1)
     return per_rank
 
 
