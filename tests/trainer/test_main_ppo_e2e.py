@@ -365,6 +365,48 @@ def test_ep_grpo_trains_in_verls_trainer(root, tiny_dir):
     assert tiny_runs.marked_processes(run.marker) == {}
 
 
+# --- Clip-Cov with the mini-batch's global selection (issue 26) ----------------------------------------------
+
+PROMPTS, GROUP_SIZE = 16, 8  # the tiny recipe's TRAIN_BATCH_SIZE and N_GENERATIONS: one mini-batch per step
+CLIP_COV_RATIO = 0.02  # verl's 2e-4 selects one token of the toy's ~1000 per step: this selects tens
+
+
+def test_clip_cov_minibatch_trains_in_verls_trainer(root, tiny_dir):
+    """ARM=clip_cov_minibatch through main_ppo on 2 FSDP2 ranks with dynamic micro-batches: the draw is made
+    once per step over both ranks' tokens (k from every valid token of the step; verl logs the mean over calls
+    and ranks, so a value that differed between calls or ranks would show), and verl's Clip-Cov zeroes the
+    drawn tokens' terms (``actor/pg_clipfrac``, the share zeroed, is positive exactly when tokens were drawn)."""
+    run = tiny_runs.launch(
+        root,
+        tiny_dir,
+        "clip_cov_minibatch",
+        *NO_VAL,
+        f"actor_rollout_ref.actor.policy_loss.clip_cov_ratio={CLIP_COV_RATIO}",
+        ARM="clip_cov_minibatch",
+        TOTAL_STEPS="2",
+        **SCHEDULE,
+    )
+    assert run.returncode == 0, run.output[-5000:]
+    command = run.report()["command"]
+    assert "actor_rollout_ref.actor.policy_loss.loss_mode=clip_cov_minibatch" in command
+    assert "algorithm.adv_estimator=grpo" in command
+    steps = run.steps()
+    assert sorted(s for s, row in steps.items() if "critic/score/mean" in row) == [1, 2]
+    drawn = 0
+    for step in (1, 2):
+        row = steps[step]
+        valid_tokens = round(row["response_length/mean"] * PROMPTS * GROUP_SIZE)
+        k, eligible, selected = (row[f"actor/cov_select/{name}"] for name in ("k", "eligible", "selected"))
+        assert k == max(int(CLIP_COV_RATIO * valid_tokens), 1), (k, valid_tokens)
+        assert 0 <= eligible <= valid_tokens and eligible == int(eligible)
+        assert selected == min(k, eligible)
+        assert (row["actor/pg_clipfrac"] > 0) == (selected > 0), row["actor/pg_clipfrac"]
+        assert not [key for key in row if key.startswith("actor/cw/")]
+        drawn += selected
+    assert drawn > 0, "no candidate lb < c < ub in either step: the test would not see a draw"
+    assert tiny_runs.marked_processes(run.marker) == {}
+
+
 def test_the_demos_grpo_arm_logs_covariance_and_held_out_pass_at_k(root, tiny_dir):
     """ARM=grpo as ``make demo`` runs it: loss_mode vanilla_cw_metrics logs the Table-1 covariance percentiles
     (not weights: it applies none); validation with several samples per prompt at the rollout temperature is
