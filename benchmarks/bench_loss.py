@@ -13,7 +13,9 @@ compute theirs).
 
 cw_grpo's default (mini-batch) scope computes its statistics and metrics on the first loss call of an
 optimizer mini-batch and reuses them on the others, so it is timed twice: ``cw_grpo@first`` (the mini-batch
-is this one micro-batch: statistics, metrics and loss) and ``cw_grpo@later`` (cached statistics).
+is this one micro-batch: statistics, metrics and loss) and ``cw_grpo@later`` (cached statistics). So are
+``clip_cov_minibatch`` and ``kl_cov_minibatch`` (the same pass plus their selection round on the first call),
+beside verl's per-call ``clip_cov`` and ``kl_cov``, all at verl's default knobs (ratio 2e-4).
 Allocator: by default glibc hands every freed block above its mmap threshold (128 KiB at first) back to
 the operating system, so each new [B, T] tensor costs page faults proportional to its size, and the ratios
 then measure allocation counts as much as arithmetic (a loss's backward could come out cheaper than its
@@ -127,14 +129,24 @@ def count_collectives(num_sequences: int, length: int, micro_batches: int) -> li
     losses over ``micro_batches`` micro-batches as one rank of a (pretend) two-rank group."""
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-    from cw_verl import context, verl_losses
+    from cw_verl import context, cov_losses, verl_losses
 
     inputs = make_inputs(num_sequences, length, torch.float32, seed=1)
     config = actor_config()
     config.global_batch_info.update(global_batch_size=num_sequences, dp_size=1)
     rows = []
-    originals = verl_losses.group_gather, verl_losses.resolve_data_parallel_group
-    for loss_mode in ("cw_grpo_microbatch", "cw_grpo_minibatch", "cw_grpo_group"):
+    originals = (
+        verl_losses.group_gather,
+        verl_losses.resolve_data_parallel_group,
+        cov_losses.resolve_data_parallel_group,
+    )
+    for loss_mode in (
+        "cw_grpo_microbatch",
+        "cw_grpo_minibatch",
+        "cw_grpo_group",
+        "clip_cov_minibatch",
+        "kl_cov_minibatch",
+    ):
         counts = {"rounds": 0, "bytes": 0}
 
         def counting(group, counts=counts):
@@ -146,7 +158,7 @@ def count_collectives(num_sequences: int, length: int, micro_batches: int) -> li
             return gather
 
         verl_losses.group_gather = counting
-        verl_losses.resolve_data_parallel_group = lambda dp_size: "a group"
+        verl_losses.resolve_data_parallel_group = cov_losses.resolve_data_parallel_group = lambda dp_size: "a group"
         try:
             td = mini_batch(inputs)
             size = num_sequences // micro_batches
@@ -163,7 +175,8 @@ def count_collectives(num_sequences: int, length: int, micro_batches: int) -> li
                             config=config,
                         )
         finally:
-            verl_losses.group_gather, verl_losses.resolve_data_parallel_group = originals
+            verl_losses.group_gather, verl_losses.resolve_data_parallel_group = originals[:2]
+            cov_losses.resolve_data_parallel_group = originals[2]
         rows.append((loss_mode, counts["rounds"], counts["bytes"]))
     return rows
 
@@ -173,7 +186,20 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=["64x4096"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument(
-        "--losses", nargs="+", default=["vanilla", "clip_cov", "cw_grpo@first", "cw_grpo@later", "cw_grpo_microbatch"]
+        "--losses",
+        nargs="+",
+        default=[
+            "vanilla",
+            "clip_cov",
+            "kl_cov",
+            "cw_grpo@first",
+            "cw_grpo@later",
+            "cw_grpo_microbatch",
+            "clip_cov_minibatch@first",
+            "clip_cov_minibatch@later",
+            "kl_cov_minibatch@first",
+            "kl_cov_minibatch@later",
+        ],
     )
     parser.add_argument("--min-run-time", type=float, default=4.0, help="seconds per measurement, over all rounds")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds per measurement")
@@ -192,7 +218,7 @@ def main(argv=None) -> int:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, allocator: {args.allocator}")
     print(
-        f"{'shape':>9} {'dtype':>8} {'loss':>19} {'forward ms':>10} {'ratio':>6} {'fwd+bwd ms':>10} {'ratio':>6}",
+        f"{'shape':>9} {'dtype':>8} {'loss':>24} {'forward ms':>10} {'ratio':>6} {'fwd+bwd ms':>10} {'ratio':>6}",
         end="",
     )
     print("" if args.no_memory else f" {'peak extra MB':>13}")
@@ -216,11 +242,11 @@ def main(argv=None) -> int:
                 results[name] = (float(np.median(samples[name, False])), float(np.median(samples[name, True])), memory)
             base = results.get("vanilla", (float("nan"),) * 2)
             for name, (fwd, both, memory) in results.items():
-                line = f"{shape:>9} {dtype_name:>8} {name:>19} {fwd * 1e3:>10.2f} {fwd / base[0]:>6.2f}"
+                line = f"{shape:>9} {dtype_name:>8} {name:>24} {fwd * 1e3:>10.2f} {fwd / base[0]:>6.2f}"
                 line += f" {both * 1e3:>10.2f} {both / base[1]:>6.2f}"
                 print(line + ("" if memory is None else f" {memory / 2**20:>13.1f}"))
     print("\ncollectives per optimizer mini-batch of 64 sequences x 1024 tokens in 8 micro-batches (8 groups of 8):")
-    print(f"{'scope':>19} {'gather rounds':>13} {'bytes sent per rank':>20}")
+    print(f"{'loss':>19} {'gather rounds':>13} {'bytes sent per rank':>20}")
     for loss_mode, rounds, sent in count_collectives(64, 1024, 8):
         print(f"{loss_mode:>19} {rounds:>13} {sent:>20}")
     return 0

@@ -30,7 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cw_verl.cpu.launch import run_ranks  # noqa: E402
 from tests.support.batch import save_shared_batch  # noqa: E402
 
-LOSSES = ["vanilla", "clip_cov", "cw_grpo", "cw_grpo_group", "cw_grpo_microbatch"]
+# verl's defaults for every knob (Clip-Cov/KL-Cov ratio 2e-4: one token of this batch's ~800).
+LOSSES = [
+    "vanilla",
+    "clip_cov",
+    "kl_cov",
+    "cw_grpo",
+    "cw_grpo_group",
+    "cw_grpo_microbatch",
+    "clip_cov_minibatch",
+    "kl_cov_minibatch",
+]
 PROMPTS, GROUP_SIZE, MICRO_BATCH = 16, 8, 16
 BACKENDS = {
     "fsdp2": {},

@@ -41,6 +41,7 @@ from cw_verl.verl_losses import (
     call_problem,
     connected_zero_if_empty,
     mini_batch_statistics,
+    verl_policy_loss,
 )
 from cw_verl.weights import CovarianceInputError, token_covariance
 
@@ -155,35 +156,8 @@ def covariance_selection_loss(
 
 
 def _policy_loss(loss_mode: str, verl_name: str):
-    def policy_loss(
-        old_log_prob: torch.Tensor,
-        log_prob: torch.Tensor,
-        advantages: torch.Tensor,
-        response_mask: torch.Tensor,
-        loss_agg_mode: str = "token-mean",
-        config=None,
-        rollout_is_weights: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        return covariance_selection_loss(
-            loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
-        )
-
-    policy_loss.__name__ = policy_loss.__qualname__ = f"compute_policy_loss_{loss_mode}"
-    policy_loss.__doc__ = f"""verl policy loss ``{loss_mode}``: verl's ``{verl_name}``, selection global per mini-batch.
-
-    Args:
-        old_log_prob: ``[B, T]`` log-probs under the policy that sampled the batch.
-        log_prob: ``[B, T]`` log-probs under the policy being trained.
-        advantages: ``[B, T]`` advantages.
-        response_mask: ``[B, T]`` valid-token mask.
-        loss_agg_mode: verl's aggregation mode.
-        config: the actor's ``ActorConfig``.
-        rollout_is_weights: ``[B, T]`` importance weights, or ``None``.
-
-    Returns:
-        ``(loss, metrics)`` as :func:`cw_verl.cov_losses.covariance_selection_loss`.
-    """
-    return policy_loss
+    summary = f"verl's ``{verl_name}``, selection global per mini-batch."
+    return verl_policy_loss(loss_mode, covariance_selection_loss, loss_mode, summary)
 
 
 compute_policy_loss_clip_cov_minibatch = _policy_loss(CLIP_COV_MINIBATCH, "clip_cov")

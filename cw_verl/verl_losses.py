@@ -493,7 +493,11 @@ def connected_zero_if_empty(loss: torch.Tensor, log_prob: torch.Tensor, response
     return loss
 
 
-def _scoped_policy_loss(loss_mode: str, scope: str):
+def verl_policy_loss(loss_mode: str, loss, first: str, summary: str):
+    """verl's policy-loss signature for ``loss(first, old_log_prob, ...)``: the registered
+    ``compute_policy_loss_<loss_mode>``, with ``first`` (a scope, a loss mode) bound and ``summary`` in its
+    docstring."""
+
     def policy_loss(
         old_log_prob: torch.Tensor,
         log_prob: torch.Tensor,
@@ -503,12 +507,10 @@ def _scoped_policy_loss(loss_mode: str, scope: str):
         config=None,
         rollout_is_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        return cw_grpo_policy_loss(
-            scope, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
-        )
+        return loss(first, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
 
     policy_loss.__name__ = policy_loss.__qualname__ = f"compute_policy_loss_{loss_mode}"
-    policy_loss.__doc__ = f"""verl policy loss ``{loss_mode}``: CW-GRPO with the {scope} statistics scope.
+    policy_loss.__doc__ = f"""verl policy loss ``{loss_mode}``: {summary}
 
     Args:
         old_log_prob: ``[B, T]`` log-probs under the policy that sampled the batch.
@@ -520,9 +522,13 @@ def _scoped_policy_loss(loss_mode: str, scope: str):
         rollout_is_weights: ``[B, T]`` importance weights, or ``None``.
 
     Returns:
-        ``(loss, metrics)`` as :func:`cw_verl.verl_losses.cw_grpo_policy_loss`.
+        ``(loss, metrics)`` as :func:`{loss.__module__}.{loss.__name__}`.
     """
     return policy_loss
+
+
+def _scoped_policy_loss(loss_mode: str, scope: str):
+    return verl_policy_loss(loss_mode, cw_grpo_policy_loss, scope, f"CW-GRPO with the {scope} statistics scope.")
 
 
 compute_policy_loss_cw_grpo = _scoped_policy_loss(CW_GRPO, DEFAULT_SCOPE)

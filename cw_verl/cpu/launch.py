@@ -46,31 +46,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this rank when its parent, the fork server, dies, even by SIGKILL; the
-    fork server exits when the launching process does (multiprocessing closes its pipe).
+def _die_with_launcher(launcher: int) -> None:
+    """Linux: end this rank when the launching process ends, even by SIGKILL.
 
-    Without it, a launcher killed from outside leaves its ranks running (re-parented to init), each
-    holding a CPU core and a port.
+    Without it, a launcher killed from outside leaves its ranks running, each holding a CPU core and a port.
+    The rank's parent is the fork server, which outlives the launcher while any rank it forked lives (each
+    rank holds the server's "alive" pipe), so the parent-death signal would not carry the launcher's death: a
+    daemon thread waits on a pidfd of the launcher instead.
     """
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
+    import select
     import signal
+    import threading
 
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    pr_set_pdeathsig = 1
-    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    try:
+        launcher_fd = os.pidfd_open(launcher)
+    except ProcessLookupError:
+        # The launcher died before this rank started watching it.
+        raise SystemExit(1) from None
+
+    def watch() -> None:
+        select.select([launcher_fd], [], [])  # readable once the launcher has exited
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="cw_verl-launcher-watch", daemon=True).start()
 
 
 def _rank_main(fn, rank, world_size, port, threads, collective_timeout_s, args, results, launcher, env) -> None:
-    _die_with_parent()
-    try:
-        os.kill(launcher, 0)
-    except ProcessLookupError:
-        # The launcher died before prctl took effect.
-        raise SystemExit(1) from None
+    _die_with_launcher(launcher)
     os.environ.clear()
     os.environ.update(env)
     os.environ.update(

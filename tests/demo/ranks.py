@@ -103,3 +103,18 @@ def rank_and_platform(rank: int, world_size: int) -> tuple[int, int, str, str]:
     from verl.utils.device import get_device_name, get_nccl_backend
 
     return rank, dist.get_world_size(), get_device_name(), get_nccl_backend()
+
+
+def environment_value(rank: int, world_size: int, name: str) -> str | None:
+    import os
+
+    return os.environ.get(name)
+
+
+def write_pid_and_sleep(rank: int, world_size: int, directory: str) -> None:
+    import os
+    import time
+
+    with open(f"{directory}/rank{rank}.pid", "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(3600)

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,50 @@ def test_run_ranks_kills_ranks_past_the_timeout():
     with pytest.raises(TimeoutError):
         run_ranks(ranks.sleep_forever, 2, timeout_s=10)
     assert time.monotonic() - start < 40
+
+
+def test_each_call_hands_the_ranks_the_callers_environment_of_that_call(monkeypatch):
+    """Ranks fork from a server started at the first call: a setting made after it still reaches them."""
+    run_ranks(ranks.rank_and_platform, 1, timeout_s=240)  # the fork server is up
+    monkeypatch.setenv("CW_VERL_TEST_SETTING", "set after the fork server started")
+    assert (
+        run_ranks(ranks.environment_value, 2, "CW_VERL_TEST_SETTING", timeout_s=240)
+        == ["set after the fork server started"] * 2
+    )
+    monkeypatch.delenv("CW_VERL_TEST_SETTING")
+    assert run_ranks(ranks.environment_value, 1, "CW_VERL_TEST_SETTING", timeout_s=240) == [None]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_ranks_die_with_a_launcher_killed_by_sigkill(tmp_path):
+    """The launcher's death ends its fork server, whose death ends the ranks (PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+
+    code = (
+        "from cw_verl.cpu.launch import run_ranks\n"
+        "from tests.demo import ranks\n"
+        f"run_ranks(ranks.write_pid_and_sleep, 2, {str(tmp_path)!r}, timeout_s=600)\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)))
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(tmp_path.glob("rank*.pid"))) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.2)
+        pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid"))]
+        assert len(pids) == 2 and all(_alive(pid) for pid in pids), pids
+    finally:
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in pids if _alive(pid)]
