@@ -3,16 +3,16 @@
 A torchrun-like launcher inside Python: ``run_ranks(fn, world_size, *args)`` starts ``world_size``
 processes, sets the ``torch.distributed`` environment verl's ``Worker`` reads (RANK, WORLD_SIZE,
 MASTER_ADDR/PORT, LOCAL_RANK...), selects the CPU platform, initialises a gloo process group and calls
-``fn(rank, world_size, *args)``.
+``fn(rank, world_size, *args)``. It returns the ranks' return values in rank order. When a rank fails,
+the others are killed and the failing rank's traceback is raised; past ``timeout_s`` every rank is killed
+and ``TimeoutError`` is raised; a rank also ends when the launching process does.
 
 Ranks come from multiprocessing's ``forkserver``: a clean process (not a fork of the caller, so no rank
 inherits the caller's threads or verl state) that imports the heavy third-party libraries once
 (``PRELOAD``) and forks each rank from there. A spawned rank spent ~5-10 s of one core importing them, more
 than most test updates take. verl itself (its import loads the verl plugins, which depends on the
 environment) and cw_verl are imported in the rank, after the rank has taken the caller's environment of
-this call (the fork server's is the one it started with). It returns the ranks' return values in rank order. When a rank
-fails, the others are killed and the failing rank's traceback is raised; past ``timeout_s`` every
-rank is killed and ``TimeoutError`` is raised.
+this call (the fork server's is the one it started with).
 """
 
 from __future__ import annotations
