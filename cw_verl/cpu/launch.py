@@ -32,6 +32,8 @@ from typing import Any
 # Imported once in the fork server. Each reads no setting the callers vary (VERL_*, CW_VERL_*, HF_*) at
 # import time; a module missing here is skipped by multiprocessing.
 PRELOAD = ("torch", "tensordict", "transformers", "datasets", "megatron.core", "ray")
+# verl's CPU platform, known to every rank (and to the fork server) before any verl import.
+PLATFORM_ENV = {"VERL_PLATFORM": "cpu", "VERL_ENGINE_DEVICE": "cuda"}
 
 
 class RankFailed(RuntimeError):
@@ -132,8 +134,7 @@ def run_ranks(
     port = free_port()
     # Collectives time out a little before the launcher does, so a stuck rank reports where it was.
     collective_timeout_s = max(30.0, timeout_s - 10.0)
-    # The ranks' environment: this process's, with the platform known before any verl import.
-    env = dict(os.environ, VERL_PLATFORM="cpu", VERL_ENGINE_DEVICE="cuda")
+    env = os.environ | PLATFORM_ENV  # the ranks' environment: this process's, with the platform
     procs = [
         ctx.Process(
             target=_rank_main,
@@ -144,8 +145,8 @@ def run_ranks(
         for rank in range(world_size)
     ]
     # The fork server, when this call starts it, imports PRELOAD with the same platform settings.
-    saved = {key: os.environ.get(key) for key in ("VERL_PLATFORM", "VERL_ENGINE_DEVICE")}
-    os.environ.update({"VERL_PLATFORM": "cpu", "VERL_ENGINE_DEVICE": "cuda"})
+    saved = {key: os.environ.get(key) for key in PLATFORM_ENV}
+    os.environ.update(PLATFORM_ENV)
     try:
         for proc in procs:
             proc.start()
