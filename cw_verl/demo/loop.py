@@ -44,7 +44,12 @@ ARMS = {
     "cw_grpo": Arm("cw_grpo", adv_estimator="cw_grpo", loss_mode="cw_grpo"),
     # The paper's scope (each prompt's G responses), as the recipes and the trainer demo run it.
     "cw_grpo_group": Arm("cw_grpo_group", adv_estimator="cw_grpo", loss_mode="cw_grpo_group"),
+    # verl's Clip-Cov / KL-Cov, tokens selected in each loss call (their knobs: RunConfig.clip_cov_ratio, ...).
     "clip_cov": Arm("clip_cov", adv_estimator="grpo", loss_mode="clip_cov"),
+    "kl_cov": Arm("kl_cov", adv_estimator="grpo", loss_mode="kl_cov"),
+    # The same objectives with the tokens selected once per optimizer mini-batch over all ranks (cw_verl.cov_losses).
+    "clip_cov_minibatch": Arm("clip_cov_minibatch", adv_estimator="grpo", loss_mode="clip_cov_minibatch"),
+    "kl_cov_minibatch": Arm("kl_cov_minibatch", adv_estimator="grpo", loss_mode="kl_cov_minibatch"),
     # The objective of the authors' released code (cw_verl.authors_objective): weights with gradient, per group.
     "cw_grpo_authors": Arm("cw_grpo_authors", adv_estimator="cw_grpo", loss_mode="cw_grpo_authors"),
     "ep_grpo": Arm("ep_grpo", adv_estimator="ep_grpo", loss_mode="vanilla", reference=True),
@@ -72,8 +77,13 @@ class RunConfig:
     temperature: float = 1.0
     # verl's KL loss to the starting policy (low_var_kl), as the recipes' KL_COEF; 0: none.
     kl_coef: float = 0.0
+    # verl's policy_loss.clip_cov_ratio / kl_cov_ratio for the Clip-Cov / KL-Cov arms; None: verl's default (2e-4).
+    clip_cov_ratio: float | None = None
+    kl_cov_ratio: float | None = None
     seed: int = 0
     val_problems: int = 256
+    # Held-out samples per problem at the rollout temperature: accuracy over all of them, and pass@k for k <= this.
+    val_samples: int = 1
     task: ReversalTask = field(default_factory=ReversalTask)
     project_name: str = "cw_verl_demo"
     progress: bool = True
@@ -94,6 +104,23 @@ class RunConfig:
             )
         if self.prompts_per_step % world_size or self.val_problems % world_size:
             raise ValueError(f"prompts_per_step and val_problems must split over {world_size} ranks")
+        if self.val_samples < 1:
+            raise ValueError(f"val_samples must be at least 1, got {self.val_samples}")
+
+    @property
+    def val_key(self) -> str:
+        """verl's held-out accuracy key for ``val_samples`` samples per problem (``mean@N``)."""
+        return f"val-core/digit_reversal/acc/mean@{self.val_samples}"
+
+    @property
+    def pass_at_ks(self) -> tuple[int, ...]:
+        """pass@k reported for k = 1, 2, 4, ... up to ``val_samples`` (and ``val_samples`` itself)."""
+        return tuple(sorted({k for k in (1, 2, 4, 8, 16, 32) if k <= self.val_samples} | {self.val_samples}))
+
+    def policy_loss_knobs(self) -> dict[str, float]:
+        """The ``actor.policy_loss`` keys this run sets (verl's defaults for the rest)."""
+        knobs = {"clip_cov_ratio": self.clip_cov_ratio, "kl_cov_ratio": self.kl_cov_ratio}
+        return {key: value for key, value in knobs.items() if value is not None}
 
 
 def quiet_known_warnings() -> None:
@@ -112,17 +139,31 @@ def jsonl_path(out_dir: str | Path, arm_name: str) -> Path:
     return Path(out_dir) / f"{arm_name}.jsonl"
 
 
-def _validate(rollout, cfg: RunConfig) -> float:
-    """Held-out accuracy: one temperature-``T`` sample per problem, problems split over ranks."""
+PASS_AT_K_KEY = "val-aux/digit_reversal/pass@{k}"
+
+
+def _validate(rollout, cfg: RunConfig) -> dict[str, float]:
+    """Held-out accuracy (``cfg.val_key``: the share of correct samples over ``val_samples`` temperature-``T``
+    samples per problem, problems split over ranks) and pass@k (Chen et al.'s unbiased estimator per problem,
+    :func:`cw_verl.demo.passk.pass_at_k`, averaged over problems) for ``cfg.pass_at_ks``."""
+    from cw_verl.demo.passk import pass_at_k
+
     problems = cfg.task.sample(cfg.val_problems, cfg.seed, STREAM_EVAL, 0)
     # Step 0 is never a training step, so validation draws its own samples; start and end share them.
-    samples = rollout.sample(problems, group_size=1, seed=cfg.seed, step=0)
-    return sum(samples.rewards) / len(samples.rewards)
+    samples = rollout.sample(problems, group_size=cfg.val_samples, seed=cfg.seed, step=0)
+    n = cfg.val_samples
+    # Rows come G per problem (Rollout.sample), so each problem's samples are one contiguous slice.
+    correct = [int(sum(r > 0 for r in samples.rewards[i : i + n])) for i in range(0, len(samples.rewards), n)]
+    metrics = {cfg.val_key: sum(samples.rewards) / len(samples.rewards)}
+    for k in cfg.pass_at_ks:
+        metrics[PASS_AT_K_KEY.format(k=k)] = sum(pass_at_k(n, c, k) for c in correct) / len(correct)
+    return metrics
 
 
-def _rl_step(rank: int, step: int, cfg: RunConfig, arm: Arm, actor, reference, rollout, algo):
+def _rl_step(rank: int, step: int, cfg: RunConfig, arm: Arm, actor, reference, rollout, algo, counter=None):
     """One RL step as verl's trainer makes it (generate, old and reference log-probs, advantages, one actor
-    update); returns its metrics, timings and batch."""
+    update); returns its metrics, timings and batch. ``counter``: the Clip-Cov / KL-Cov selection probe of
+    verl's own modes (observation only)."""
     from verl.trainer.ppo.core_algos import agg_loss
     from verl.trainer.ppo.ray_trainer import compute_advantage
     from verl.utils.debug.metrics import calculate_debug_metrics
@@ -195,7 +236,30 @@ def _rl_step(rank: int, step: int, cfg: RunConfig, arm: Arm, actor, reference, r
                 non_tensor_batch_keys=["uid"],
             )
             metrics.update(harness.train_step(actor, harness.dp_chunk(train_batch)))
+        metrics.update(_selected_per_step(metrics, cfg, counter))
     return metrics, timing, batch
+
+
+def _selected_per_step(metrics: dict[str, float], cfg: RunConfig, counter) -> dict[str, float]:
+    """Tokens the Clip-Cov / KL-Cov arms selected in this step over all ranks (collective; {} for other arms).
+
+    verl's own modes: :class:`cw_verl.demo.probes.LocalSelectionCounter`'s per-call counts summed over ranks.
+    The mini-batch modes: ``actor/cov_select/selected`` is one mini-batch's global count, the same in every
+    call, and verl's metric reduction averages it over the step's mini-batches (equal calls per mini-batch
+    with a fixed micro-batch size), so the step's count is that mean times the mini-batches.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from cw_verl.demo.probes import SELECTED_KEY
+
+    if counter is not None:
+        total = torch.tensor([counter.take()], dtype=torch.int64)
+        dist.all_reduce(total)
+        return {SELECTED_KEY: float(total.item())}
+    if "actor/cov_select/selected" in metrics:
+        return {SELECTED_KEY: metrics["actor/cov_select/selected"] * cfg.mini_batches_per_step}
+    return {}
 
 
 def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
@@ -224,6 +288,7 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
         temperature=cfg.temperature,
         data_loader_seed=cfg.seed,
         kl_loss_coef=cfg.kl_coef,
+        policy_loss=cfg.policy_loss_knobs(),
     )
     actor = harness.build_actor(setup)
     # Never trained: the reference policy (EP-GRPO's progress signal, the KL loss).
@@ -231,6 +296,9 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
     rollout = Rollout(cfg.model_path, cfg.task, cfg.temperature)
     algo = AlgoConfig(adv_estimator=arm.adv_estimator, norm_adv_by_std_in_grpo=True)
     init_seconds = time.perf_counter() - init_start
+    from cw_verl.demo.probes import LocalSelectionCounter
+
+    counter = LocalSelectionCounter(arm.loss_mode) if arm.loss_mode in LocalSelectionCounter.MODES else None
 
     tracker = None
     if rank == 0:
@@ -250,7 +318,7 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
     rollout.sync_weights(actor)
     val_start = _validate(rollout, cfg)
     if tracker is not None:
-        tracker.log({VAL_KEY: val_start}, step=0)
+        tracker.log(val_start, step=0)
 
     progress = None
     if rank == 0 and cfg.progress:
@@ -260,7 +328,7 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
     step_seconds = []
     try:
         for step in range(1, cfg.steps + 1):
-            metrics, timing, batch = _rl_step(rank, step, cfg, arm, actor, reference, rollout, algo)
+            metrics, timing, batch = _rl_step(rank, step, cfg, arm, actor, reference, rollout, algo, counter)
             metrics.update(compute_data_metrics(batch, use_critic=False))
             metrics.update(compute_timing_metrics(batch, timing))
             metrics["training/global_step"] = step
@@ -268,7 +336,7 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
             step_seconds.append(timing["step"])
             if step == cfg.steps:
                 rollout.sync_weights(actor)
-                metrics[VAL_KEY] = _validate(rollout, cfg)
+                metrics.update(_validate(rollout, cfg))
             if tracker is not None:
                 tracker.log(metrics, step=step)
             if progress is not None:
@@ -277,6 +345,8 @@ def run_arm(rank: int, world_size: int, cfg: RunConfig, arm: Arm) -> dict:
                 )
                 progress.update(1)
     finally:
+        if counter is not None:
+            counter.close()
         if progress is not None:
             progress.close()
         if tracker is not None:

@@ -167,3 +167,64 @@ def compare_objectives(model, batch, temperature: float) -> dict[str, float]:
         "paper_frac_below_half": (p < 0.5).double().mean().item(),
         "weights_correlation": torch.corrcoef(torch.stack([a, p]))[0, 1].item(),
     }
+
+
+SELECTED_KEY = "probe/cov_select/selected_per_step"
+
+
+class LocalSelectionCounter:
+    """Observation only: how many tokens verl 0.9.1's own ``clip_cov`` / ``kl_cov`` select, summed over one
+    rank's loss calls (call :meth:`take` after each update, then sum over ranks).
+
+    verl selects inside each loss call (``core_algos.compute_policy_loss_clip_cov`` / ``_kl_cov``), so the
+    count depends on how the mini-batch is cut into calls: that is what the study measures. The counter wraps
+    the registered function (verl looks it up by name at every call, ``workers/utils/losses.py: ppo_loss``)
+    and returns its loss and metrics untouched:
+
+    * ``clip_cov``: the call's ``actor/pg_clipfrac`` is the share of its valid tokens whose term the draw zeroed
+      (``corr == 0``; PPO-clipped tokens are excluded from the draw and keep ``corr = 1``), so the count is
+      ``pg_clipfrac x N_call``, read from verl's own output.
+    * ``kl_cov``: verl logs no count; it takes the top ``max(int(kl_cov_ratio x N_call), 1)`` tokens of any call
+      with valid tokens, counted here from the call's mask (``tests/demo/test_probes.py`` checks both counts
+      against the tokens whose gradient verl's functions change).
+    """
+
+    MODES = ("clip_cov", "kl_cov")
+
+    def __init__(self, loss_mode: str):
+        from verl.trainer.ppo import core_algos
+
+        if loss_mode not in self.MODES:
+            raise ValueError(f"LocalSelectionCounter observes {self.MODES}, got {loss_mode!r}")
+        self.loss_mode = loss_mode
+        self._registry = core_algos.POLICY_LOSS_REGISTRY
+        self._original = self._registry[loss_mode]
+        self._count = 0
+        self._registry[loss_mode] = self._observed
+
+    def _observed(self, *, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, **kwargs):
+        loss, metrics = self._original(
+            old_log_prob=old_log_prob,
+            log_prob=log_prob,
+            advantages=advantages,
+            response_mask=response_mask,
+            loss_agg_mode=loss_agg_mode,
+            config=config,
+            **kwargs,
+        )
+        valid = int(response_mask.sum().item())
+        if self.loss_mode == "clip_cov":
+            self._count += round(metrics["actor/pg_clipfrac"] * valid)
+        elif valid:
+            ratio = config.policy_loss.kl_cov_ratio if config.policy_loss.kl_cov_ratio is not None else 0.0002
+            self._count += max(int(valid * ratio), 1)
+        return loss, metrics
+
+    def take(self) -> int:
+        """This rank's count since the last call."""
+        count, self._count = self._count, 0
+        return count
+
+    def close(self) -> None:
+        """Put verl's function back."""
+        self._registry[self.loss_mode] = self._original

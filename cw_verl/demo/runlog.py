@@ -22,6 +22,10 @@ STEP_SECONDS = "timing_s/step"
 VAL_ACC = "val-core/digit_reversal/acc/mean@1"
 # With N validation samples per prompt (val_kwargs.n) verl logs mean@N: the accuracy over all samples.
 VAL_ACC_ANY_N = re.compile(r"^val-core/digit_reversal/acc/mean@\d+$")
+# The harness's held-out pass@k (cw_verl.demo.loop.PASS_AT_K_KEY); the trainer demo reads it from verl's dumps.
+PASS_AT_K = re.compile(r"^val-aux/digit_reversal/pass@(\d+)$")
+# cw_verl.demo.probes.SELECTED_KEY: tokens the Clip-Cov / KL-Cov arms selected per step, over all ranks.
+SELECTED = "probe/cov_select/selected_per_step"
 CW_FRAC_BELOW_HALF = "actor/cw/frac_below_half"
 # cw_verl.demo.probes.kernel_tails (the harness logs them for every arm)
 KERNEL_POS_BELOW_HALF = "probe/kernel/pos_below_half"
@@ -134,7 +138,21 @@ def summarize(run: RunLog, window: int = 10) -> dict[str, float]:
         "pos_below_half": _mean(run.series(KERNEL_POS_BELOW_HALF)[1]),
         "neg_below_half": _mean(run.series(KERNEL_NEG_BELOW_HALF)[1]),
         "seconds_per_step": _mean(seconds),
+        "selected_per_step": _mean(run.series(SELECTED)[1]),
+        **_pass_at_k(run),
     }
+
+
+def _pass_at_k(run: RunLog) -> dict[str, float]:
+    """``pass@k_start`` / ``pass@k_end`` from the run's held-out pass@k (step 0 and its last step)."""
+    out = {}
+    for key in sorted(run.keys()):
+        match = PASS_AT_K.match(key)
+        if match:
+            steps, values = run.series(key, min_step=0)
+            out[f"pass@{match[1]}_start"] = values[0] if steps[0] == 0 else math.nan
+            out[f"pass@{match[1]}_end"] = values[-1] if steps[-1] > 0 else math.nan
+    return out
 
 
 def format_table(summaries: dict[str, dict[str, float]], window: int = 10) -> str:

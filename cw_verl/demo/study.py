@@ -28,6 +28,7 @@ from cw_verl.demo.warmstart import WarmStart
 DEFAULT_ARMS = "grpo,cw_grpo,cw_grpo_authors"
 COLUMNS = (
     ("reward, last {window}", "reward_end", "{:.3f}"),
+    ("held-out acc. start", "val_start", "{:.3f}"),
     ("held-out acc. end", "val_end", "{:.3f}"),
     ("entropy, last {window}", "entropy_end", "{:.3f}"),
     ("entropy min", "entropy_min", "{:.3f}"),
@@ -35,6 +36,7 @@ COLUMNS = (
     ("kernel: c>0 tokens w~ < 0.5", "pos_below_half", "{:.2%}"),
     ("kernel: c<0 tokens w~ < 0.5", "neg_below_half", "{:.2%}"),
     ("weights' grad term / rest, step 1", "weights_grad_rel_norm", "{:.3f}"),
+    ("Clip-/KL-Cov tokens selected per step", "selected_per_step", "{:.1f}"),
 )
 
 
@@ -63,6 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--kl-coef", type=float, default=0.0, help="verl's KL loss to the starting policy (low_var_kl)")
     p.add_argument("--temperature", type=float, default=RunConfig.temperature, help="rollout and validation")
+    p.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=RunConfig.micro_batch_size_per_gpu,
+        help="sequences per rank and loss call (verl's ppo_micro_batch_size_per_gpu)",
+    )
+    p.add_argument(
+        "--clip-cov-ratio", type=float, default=None, help="verl's policy_loss.clip_cov_ratio (default 2e-4)"
+    )
+    p.add_argument("--kl-cov-ratio", type=float, default=None, help="verl's policy_loss.kl_cov_ratio (default 2e-4)")
+    p.add_argument(
+        "--val-samples",
+        type=int,
+        default=RunConfig.val_samples,
+        help="held-out samples per problem: accuracy over all of them and pass@k up to k = this",
+    )
     p.add_argument("--smoke", action="store_true", help="one seed, 3 steps: checks the wiring")
     p.add_argument(
         "--first-update",
@@ -103,12 +121,20 @@ def aggregate(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 def format_table(results: dict[str, dict[str, dict[str, float]]], seeds: list[int], window: int = 10) -> str:
     """Markdown: per arm, mean ± sample std over seeds (min-max below)."""
-    header = ["arm"] + [title.format(window=window) for title, _, _ in COLUMNS]
+    ks = sorted({int(key[5:].split("_")[0]) for stats in results.values() for key in stats if key.startswith("pass@")})
+    # Held-out pass@k after the accuracy (pass@1 is the accuracy's own estimator, so from k = 2).
+    columns = list(COLUMNS)
+    columns[3:3] = [
+        (f"pass@{k} {edge}", f"pass@{k}_{edge}", "{:.3f}") for k in ks if k > 1 for edge in ("start", "end")
+    ]
+    # Columns no arm logged (e.g. the kernel shares of a study without them) are left out.
+    columns = [c for c in columns if any(stats.get(c[1], {}).get("seeds") for stats in results.values())]
+    header = ["arm"] + [title.format(window=window) for title, _, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for arm, stats in results.items():
         cells = [arm]
-        for _, key, fmt in COLUMNS:
-            s = stats[key]
+        for _, key, fmt in columns:
+            s = stats.get(key, {"seeds": 0})
             if not s["seeds"]:
                 cells.append("–")
                 continue
@@ -118,6 +144,37 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], seeds: list[in
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\n{len(seeds)} seed(s): {', '.join(map(str, seeds))}; mean ± sample std (min–max).")
     return "\n".join(lines)
+
+
+def format_seed_table(runs: dict[str, list[dict[str, float]]], seeds: list[int], window: int = 10) -> str:
+    """Markdown: every seed of every arm (held-out accuracy start -> end, the largest pass@k at the end, entropy
+    over the last ``window`` steps, and the Clip-/KL-Cov tokens selected per step where the arm selects)."""
+    ks = sorted(
+        {
+            int(key[5:].split("_")[0])
+            for per_seed in runs.values()
+            for s in per_seed
+            for key in s
+            if key.startswith("pass@")
+        }
+    )
+    top = f"pass@{ks[-1]}_end" if ks and ks[-1] > 1 else None
+
+    def cell(s: dict[str, float]) -> str:
+        text = f"{s['val_start']:.3f} -> {s['val_end']:.3f}"
+        if top:
+            text += f", {top[:-4]} {s[top]:.3f}"
+        text += f", H {s['entropy_end']:.3f}"
+        if not math.isnan(s.get("selected_per_step", math.nan)):
+            text += f", sel {s['selected_per_step']:.1f}"
+        return text
+
+    lines = ["| arm | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "|" + " --- |" * (len(seeds) + 1)]
+    lines += ["| " + arm + " | " + " | ".join(cell(s) for s in per_seed) + " |" for arm, per_seed in runs.items()]
+    return "\n".join(lines) + (
+        f"\n\nEvery seed: held-out accuracy start -> end{', ' + top[:-4] + ' at the end' if top else ''}, "
+        f"entropy over the last {window} steps (H), Clip-/KL-Cov tokens selected per step (sel)."
+    )
 
 
 def first_update(rank: int, world_size: int, cfg: RunConfig) -> dict[str, float]:
@@ -156,6 +213,10 @@ def run_study(args, lr: float, out_dir: Path) -> int:
         "mini_batches_per_step": args.mini_batches,
         "kl_coef": args.kl_coef,
         "temperature": args.temperature,
+        "micro_batch_size_per_gpu": args.micro_batch_size,
+        "clip_cov_ratio": args.clip_cov_ratio,
+        "kl_cov_ratio": args.kl_cov_ratio,
+        "val_samples": args.val_samples,
     }
     if args.smoke:
         seeds, steps = seeds[:1], min(steps, 3)
@@ -202,7 +263,7 @@ def run_study(args, lr: float, out_dir: Path) -> int:
         print("\n".join(lines) + f"\n\n{len(seeds)} seed(s), first update, {config_kwargs['loss_agg_mode']}")
         return 0
     results = {name: aggregate(per_seed) for name, per_seed in runs.items()}
-    table = format_table(results, seeds, window)
+    table = format_table(results, seeds, window) + "\n\n" + format_seed_table(runs, seeds, window)
     report = {
         "seeds": seeds,
         "steps": steps,
@@ -212,6 +273,10 @@ def run_study(args, lr: float, out_dir: Path) -> int:
         "kl_coef": args.kl_coef,
         "temperature": args.temperature,
         "world_size": args.world_size,
+        "micro_batch_size_per_gpu": config_kwargs["micro_batch_size_per_gpu"],
+        "clip_cov_ratio": args.clip_cov_ratio,
+        "kl_cov_ratio": args.kl_cov_ratio,
+        "val_samples": config_kwargs["val_samples"],
         "total_seconds": time.perf_counter() - started,
         "per_seed": runs,
         "aggregate": results,

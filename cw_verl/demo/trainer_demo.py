@@ -24,7 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-ARMS = ("grpo", "cw_grpo", "clip_cov")
+ARMS = ("grpo", "cw_grpo", "clip_cov", "clip_cov_minibatch", "kl_cov_minibatch")
+# The Clip-Cov / KL-Cov arms' verl knob per arm (the --cov-ratio flag sets it).
+COV_RATIO_KEYS = {
+    "clip_cov": "clip_cov_ratio",
+    "clip_cov_minibatch": "clip_cov_ratio",
+    "kl_cov_minibatch": "kl_cov_ratio",
+}
 FIGURE_NAME = "cw_grpo_trainer_demo.png"
 SUMMARY_NAME = "summary.json"
 # verl's per-phase timers (timing_s/<phase>), in the order a step runs them.
@@ -57,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-prompts", type=int, default=64, help="held-out prompts (data.val_max_samples)")
     p.add_argument(
         "--val-samples", type=int, default=8, help="samples per held-out prompt at the rollout temperature: pass@1..k"
+    )
+    # The tiny task's steps have about a thousand valid tokens: the paper's 2e-4 would select one per step.
+    p.add_argument(
+        "--cov-ratio",
+        type=float,
+        default=0.02,
+        help="the Clip-Cov / KL-Cov arms' clip_cov_ratio / kl_cov_ratio (share of tokens selected)",
     )
     p.add_argument("--smoke", action="store_true", help="3 steps per arm, to check the wiring")
     return p
@@ -91,7 +104,13 @@ def run_arm(arm: str, args, out_dir: Path) -> dict:
         # GRPO's loss unchanged (bitwise), plus the covariance percentiles CW-GRPO logs: Table 1 for both arms.
         GRPO_LOSS_MODE="vanilla_cw_metrics",
     )
-    command = ["bash", str(recipe_path()), "trainer.resume_mode=disable", *validation_overrides(args, out_dir, arm)]
+    command = [
+        "bash",
+        str(recipe_path()),
+        "trainer.resume_mode=disable",
+        *validation_overrides(args, out_dir, arm),
+        *cov_ratio_overrides(args, arm),
+    ]
     start = time.perf_counter()
     with open(log, "w") as sink:
         proc = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -124,6 +143,12 @@ def validation_overrides(args, out_dir: Path, arm: str) -> list[str]:
         "actor_rollout_ref.rollout.val_kwargs.top_p=1.0",
         f"trainer.validation_data_dir={validation_dir(out_dir, arm)}",
     ]
+
+
+def cov_ratio_overrides(args, arm: str) -> list[str]:
+    """The Clip-Cov / KL-Cov arms' selection ratio (``--cov-ratio``); nothing for the other arms."""
+    key = COV_RATIO_KEYS.get(arm)
+    return [f"actor_rollout_ref.actor.policy_loss.{key}={args.cov_ratio}"] if key else []
 
 
 def validation_dir(out_dir: Path, arm: str) -> Path:
@@ -176,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     arms = [name.strip() for name in args.arms.split(",") if name.strip()]
     if not arms or len(set(arms)) != len(arms) or any(arm not in ARMS for arm in arms):
         raise SystemExit(f"--arms must name distinct arms among {', '.join(ARMS)}, got {args.arms!r}")
+    if not 0 < args.cov_ratio <= 1:
+        raise SystemExit(f"--cov-ratio must be in (0, 1], got {args.cov_ratio}")
     if args.val_prompts < 1 or args.val_samples < 1:
         raise SystemExit(
             f"--val-prompts and --val-samples must be at least 1, got {args.val_prompts}, {args.val_samples}"

@@ -8,7 +8,7 @@ import torch
 
 from cw_verl.cpu.launch import run_ranks
 from cw_verl.demo import cli, probes
-from cw_verl.demo.loop import VAL_KEY
+from cw_verl.demo.loop import PASS_AT_K_KEY, VAL_KEY
 from cw_verl.demo.runlog import read_jsonl
 from tests.demo import ranks
 
@@ -127,7 +127,9 @@ def test_demo_writes_well_formed_verl_file_logger_jsonl(smoke_run):
         assert all(set(line) == {"step", "data"} for line in lines)
         run = read_jsonl(smoke_run / f"{arm}.jsonl")
         assert run.steps == [0, 1, 2, 3]
-        assert set(run.rows[0]) == {VAL_KEY}
+        assert set(run.rows[0]) == {VAL_KEY, PASS_AT_K_KEY.format(k=1)}
+        # One held-out sample per problem: pass@1 is the accuracy.
+        assert run.rows[0][PASS_AT_K_KEY.format(k=1)] == pytest.approx(run.rows[0][VAL_KEY])
         expected = STEP_KEYS + (CW_KEYS if arm == CW else [])
         for step in (1, 2, 3):
             row = run.rows[step]

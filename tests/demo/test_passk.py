@@ -47,3 +47,30 @@ def test_dump_without_acc_uses_the_score_and_refuses_too_few_samples(tmp_path):
     (tmp_path / "2.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no validation samples"):
         dump_pass_at_k(tmp_path / "2.jsonl", (1,))
+
+
+def test_harness_validation_gives_accuracy_over_all_samples_and_pass_at_k_per_problem():
+    """cw_verl.demo.loop._validate on a stand-in rollout: 4 problems x 4 samples, rows grouped per problem."""
+    from types import SimpleNamespace
+
+    from cw_verl.demo.loop import PASS_AT_K_KEY, RunConfig, _validate
+
+    outcomes = [[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 1, 0]]
+    calls = []
+
+    class Rollout:
+        def sample(self, problems, group_size, seed, step):
+            calls.append((len(problems), group_size, seed, step))
+            return SimpleNamespace(rewards=[float(r) for problem in outcomes for r in problem])
+
+    cfg = RunConfig(model_path="unused", out_dir="unused", val_problems=4, val_samples=4, seed=5)
+    assert cfg.pass_at_ks == (1, 2, 4) and cfg.val_key == "val-core/digit_reversal/acc/mean@4"
+    metrics = _validate(Rollout(), cfg)
+    assert calls == [(4, 4, 5, 0)]
+    assert metrics[cfg.val_key] == pytest.approx(7 / 16)
+    expected = {k: sum(pass_at_k(4, sum(o), k) for o in outcomes) / 4 for k in (1, 2, 4)}
+    assert {k: metrics[PASS_AT_K_KEY.format(k=k)] for k in (1, 2, 4)} == pytest.approx(expected)
+    assert metrics[PASS_AT_K_KEY.format(k=4)] == pytest.approx(3 / 4)  # one problem never solved
+    assert RunConfig(model_path="m", out_dir="o", val_samples=8).pass_at_ks == (1, 2, 4, 8)
+    with pytest.raises(ValueError, match="val_samples"):
+        RunConfig(model_path="m", out_dir="o", val_samples=0).validate(1)

@@ -115,6 +115,23 @@ def test_held_out_accuracy_is_mean_at_n_for_n_validation_samples(tmp_path):
         held_out_key(read_jsonl(path))
 
 
+def test_summary_reads_the_harness_pass_at_k_and_selected_tokens(tmp_path):
+    pass1, pass8, selected = (
+        "val-aux/digit_reversal/pass@1",
+        "val-aux/digit_reversal/pass@8",
+        "probe/cov_select/selected_per_step",
+    )
+    rows = [{pass1: 0.25, pass8: 0.5}, {selected: 10.0}, {selected: 13.0, pass1: 0.375, pass8: 0.875}]
+    path = tmp_path / "run.jsonl"
+    path.write_text("".join(json.dumps({"step": step, "data": row}) + "\n" for step, row in enumerate(rows)))
+    summary = summarize(read_jsonl(path), window=1)
+    assert (summary["pass@1_start"], summary["pass@1_end"]) == (0.25, 0.375)
+    assert (summary["pass@8_start"], summary["pass@8_end"]) == (0.5, 0.875)
+    assert summary["selected_per_step"] == 11.5
+    assert math.isnan(summarize(read_jsonl(GRPO))["selected_per_step"])
+    assert not any(key.startswith("pass@") for key in summarize(read_jsonl(GRPO)))
+
+
 def test_table_shows_pass_at_k_when_the_summaries_carry_it():
     summaries = {"grpo": summarize(read_jsonl(GRPO)), "cw_grpo": summarize(read_jsonl(CW))}
     assert "pass@" not in format_table(summaries)

@@ -27,7 +27,39 @@ def test_table_has_a_row_per_arm_and_marks_missing_metrics():
     table = study.format_table({"cw_grpo_authors": present, "grpo": missing}, [0, 1, 2])
     lines = table.splitlines()
     assert lines[2].startswith("| cw_grpo_authors | 0.500 ± 0.100 (0.400–0.600)")
-    assert lines[3].endswith("| – |") and "3 seed(s): 0, 1, 2" in table
+    column = lines[0].split(" | ").index("weights' grad term / rest, step 1")
+    assert lines[3].split(" | ")[column] == "–" and lines[2].split(" | ")[column] != "–"
+    assert "3 seed(s): 0, 1, 2" in table
+    # A column no arm logged is left out; pass@k columns (k > 1) follow the held-out accuracy.
+    nothing = {"mean": math.nan, "std": math.nan, "min": 0, "max": 0, "seeds": 0}
+    with_pass = dict(
+        present, selected_per_step=nothing, **{"pass@8_start": present["val_end"], "pass@8_end": present["val_end"]}
+    )
+    header = study.format_table({"grpo": with_pass}, [0]).splitlines()[0]
+    assert "selected per step" not in header
+    header = header.split(" | ")
+    assert header.index("held-out acc. end") + 1 == header.index("pass@8 start")
+
+
+def test_seed_table_has_every_seed_of_every_arm():
+    def seed(val_start, val_end, entropy, selected=math.nan):
+        return {
+            "val_start": val_start,
+            "val_end": val_end,
+            "entropy_end": entropy,
+            "selected_per_step": selected,
+            "pass@1_end": val_end,
+            "pass@8_end": 0.9,
+        }
+
+    runs = {
+        "grpo": [seed(0.2, 0.5, 0.3), seed(0.4, 0.6, 0.2)],
+        "kl_cov": [seed(0.2, 0.4, 0.35, 16), seed(0.4, 0.5, 0.3, 14)],
+    }
+    lines = study.format_seed_table(runs, [0, 1], window=6).splitlines()
+    assert lines[0] == "| arm | seed 0 | seed 1 |"
+    assert lines[2] == "| grpo | 0.200 -> 0.500, pass@8 0.900, H 0.300 | 0.400 -> 0.600, pass@8 0.900, H 0.200 |"
+    assert lines[3].endswith("| 0.400 -> 0.500, pass@8 0.900, H 0.300, sel 14.0 |")
 
 
 @pytest.mark.e2e

@@ -35,3 +35,25 @@ def test_pass_at_k_summary_reads_the_first_and_last_dump(tmp_path: Path):
     assert summary == {"pass@1_start": 0.25, "pass@1_end": 1.0, "pass@4_start": 1.0, "pass@4_end": 1.0}
     empty = trainer_demo.pass_at_k_summary(tmp_path / "absent", (1,))
     assert all(value != value for value in empty.values())  # NaN: no validation ran
+
+
+def test_cov_arms_get_their_selection_ratio_and_the_others_nothing():
+    args = SimpleNamespace(cov_ratio=0.05)
+    assert trainer_demo.cov_ratio_overrides(args, "clip_cov_minibatch") == [
+        "actor_rollout_ref.actor.policy_loss.clip_cov_ratio=0.05"
+    ]
+    assert trainer_demo.cov_ratio_overrides(args, "kl_cov_minibatch") == [
+        "actor_rollout_ref.actor.policy_loss.kl_cov_ratio=0.05"
+    ]
+    assert trainer_demo.cov_ratio_overrides(args, "clip_cov") == [
+        "actor_rollout_ref.actor.policy_loss.clip_cov_ratio=0.05"
+    ]
+    assert trainer_demo.cov_ratio_overrides(args, "cw_grpo") == []
+    assert set(trainer_demo.COV_RATIO_KEYS) <= set(trainer_demo.ARMS)
+
+
+def test_cov_ratio_outside_zero_one_is_refused_before_anything_starts(tmp_path):
+    for ratio in ("0", "1.5"):
+        with pytest.raises(SystemExit, match="--cov-ratio must be in"):
+            trainer_demo.main(["--cov-ratio", ratio, "--out-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -375,13 +375,18 @@ def test_clip_cov_minibatch_trains_in_verls_trainer(root, tiny_dir):
     """ARM=clip_cov_minibatch through main_ppo on 2 FSDP2 ranks with dynamic micro-batches: the draw is made
     once per step over both ranks' tokens (k from every valid token of the step; verl logs the mean over calls
     and ranks, so a value that differed between calls or ranks would show), and verl's Clip-Cov zeroes the
-    drawn tokens' terms (``actor/pg_clipfrac``, the share zeroed, is positive exactly when tokens were drawn)."""
+    drawn tokens' terms (``actor/pg_clipfrac``, the share zeroed, is positive exactly when tokens were drawn).
+    The ratio goes in as ``python -m cw_verl trainer-demo --cov-ratio`` hands it to the recipe."""
+    from types import SimpleNamespace
+
+    from cw_verl.demo import trainer_demo
+
     run = tiny_runs.launch(
         root,
         tiny_dir,
         "clip_cov_minibatch",
         *NO_VAL,
-        f"actor_rollout_ref.actor.policy_loss.clip_cov_ratio={CLIP_COV_RATIO}",
+        *trainer_demo.cov_ratio_overrides(SimpleNamespace(cov_ratio=CLIP_COV_RATIO), "clip_cov_minibatch"),
         ARM="clip_cov_minibatch",
         TOTAL_STEPS="2",
         **SCHEDULE,
