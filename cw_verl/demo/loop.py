@@ -66,6 +66,9 @@ class RunConfig:
     group_size: int = 8
     mini_batches_per_step: int = 2
     micro_batch_size_per_gpu: int = 16
+    # Sequences per rank and forward of the old (and reference) log-probs, verl's separate
+    # log_prob_micro_batch_size_per_gpu; None: micro_batch_size_per_gpu.
+    log_prob_micro_batch_size_per_gpu: int | None = None
     use_dynamic_bsz: bool = False
     max_token_len_per_gpu: int = 512
     lr: float = 1e-4
@@ -182,7 +185,9 @@ def _rl_step(rank: int, step: int, cfg: RunConfig, arm: Arm, actor, reference, r
         batch = to_data_proto(samples, cfg.task)
 
         with simple_timer("old_log_prob", timing):
-            log_probs, entropy = harness.compute_log_prob(actor, harness.dp_chunk(batch))
+            log_probs, entropy = harness.compute_log_prob(
+                actor, harness.dp_chunk(batch), micro_batch_size=cfg.log_prob_micro_batch_size_per_gpu
+            )
         batch.batch["old_log_probs"] = harness.all_gather_rows(log_probs)
         batch.batch["entropys"] = harness.all_gather_rows(entropy)
         metrics["actor/entropy"] = agg_loss(
@@ -195,7 +200,9 @@ def _rl_step(rank: int, step: int, cfg: RunConfig, arm: Arm, actor, reference, r
             from cw_verl.context import EP_ENTROPY_KEY
 
             with simple_timer("ref", timing):
-                ref_log_probs, _ = harness.compute_log_prob(reference, harness.dp_chunk(batch))
+                ref_log_probs, _ = harness.compute_log_prob(
+                    reference, harness.dp_chunk(batch), micro_batch_size=cfg.log_prob_micro_batch_size_per_gpu
+                )
             batch.batch["ref_log_prob"] = harness.all_gather_rows(ref_log_probs)
             # what cw_verl's ep_inputs patch does in verl's legacy trainer (its fit pops "entropys")
             batch.batch[EP_ENTROPY_KEY] = batch.batch["entropys"]

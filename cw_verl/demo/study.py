@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         help="sequences per rank and loss call (verl's ppo_micro_batch_size_per_gpu)",
     )
     p.add_argument(
+        "--log-prob-micro-batch-size",
+        type=int,
+        default=None,
+        help="sequences per rank and forward of the old log-probs (verl's log_prob_micro_batch_size_per_gpu; "
+        "default: --micro-batch-size)",
+    )
+    p.add_argument(
         "--clip-cov-ratio", type=float, default=None, help="verl's policy_loss.clip_cov_ratio (default 2e-4)"
     )
     p.add_argument("--kl-cov-ratio", type=float, default=None, help="verl's policy_loss.kl_cov_ratio (default 2e-4)")
@@ -214,6 +221,7 @@ def run_study(args, lr: float, out_dir: Path) -> int:
         "kl_coef": args.kl_coef,
         "temperature": args.temperature,
         "micro_batch_size_per_gpu": args.micro_batch_size,
+        "log_prob_micro_batch_size_per_gpu": args.log_prob_micro_batch_size,
         "clip_cov_ratio": args.clip_cov_ratio,
         "kl_cov_ratio": args.kl_cov_ratio,
         "val_samples": args.val_samples,
@@ -274,6 +282,7 @@ def run_study(args, lr: float, out_dir: Path) -> int:
         "temperature": args.temperature,
         "world_size": args.world_size,
         "micro_batch_size_per_gpu": config_kwargs["micro_batch_size_per_gpu"],
+        "log_prob_micro_batch_size_per_gpu": config_kwargs["log_prob_micro_batch_size_per_gpu"],
         "clip_cov_ratio": args.clip_cov_ratio,
         "kl_cov_ratio": args.kl_cov_ratio,
         "val_samples": config_kwargs["val_samples"],

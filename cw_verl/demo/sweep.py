@@ -77,19 +77,20 @@ def draw_sweep(logs: dict[str, dict[str, list[runlog.RunLog]]], out: Path) -> Pa
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {arm: palette[i % len(palette)] for i, arm in enumerate(arms)}
     fig, axes = plt.subplots(3, len(rates), figsize=(5.2 * len(rates), 11), squeeze=False, sharey="row")
+    # None: each run's own held-out key (mean@N for its N samples per problem).
     rows = (
         (runlog.ENTROPY, 1, "policy entropy"),
-        (runlog.VAL_ACC, 0, "held-out accuracy"),
+        (None, 0, "held-out accuracy"),
     )
     for column, rate in enumerate(rates):
         for row, (key, min_step, label) in enumerate(rows):
             ax = axes[row, column]
             for arm in arms:
-                curves = [run.series(key, min_step=min_step) for run in logs[rate][arm]]
+                curves = [run.series(key or runlog.held_out_key(run), min_step=min_step) for run in logs[rate][arm]]
                 for steps, values in curves:
                     ax.plot(steps, values, color=colors[arm], alpha=0.25, linewidth=0.8)
                 # Held-out accuracy is measured at the start and the end only: markers, not a trajectory.
-                marker = "o" if key == runlog.VAL_ACC else None
+                marker = "o" if key is None else None
                 ax.plot(*_mean_curve(curves), color=colors[arm], linewidth=2.0, label=arm, marker=marker)
             ax.set_title(f"lr {rate}: {label}")
             ax.set_xlabel("step")
