@@ -14,6 +14,9 @@ The rule for the loss: with a CW estimator (:data:`~cw_verl.registry.CW_ESTIMATO
 equal to verl's shipped default (``vanilla``) means "not chosen" and follows the estimator; a CW loss mode is
 kept; any other loss mode is a conflict. This does not depend on where a value came from, so the same config
 gives the same result on every entry point. Plain GRPO is ``algorithm.adv_estimator=grpo``.
+
+The rule for rollout-correction bypass mode: allowed with cw_verl's losses in the v1 trainer (which keeps the
+loss), refused in the trainers that rewrite the loss mode (:func:`bypass_mode_keeps_cw_verls_loss`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from collections.abc import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from cw_verl.ep_config import check_ep_grpo
-from cw_verl.registry import CW_ESTIMATORS, CW_POLICY_LOSSES
+from cw_verl.registry import CW_ESTIMATORS, CW_POLICY_LOSSES, OTHER_POLICY_LOSSES
 from cw_verl.verl_config import (
+    BYPASS_MODE_KEY,
     ESTIMATOR_KEY,
     LOSS_MODE_KEY,
     ConfigConflictError,
@@ -93,6 +97,34 @@ def loss_mode_follows_estimator(config: DictConfig, launch: Launch) -> None:
     )
 
 
+def bypass_mode_keeps_cw_verls_loss(config: DictConfig, launch: Launch) -> None:
+    """Refuse verl's rollout-correction bypass mode with a loss of cw_verl's where verl rewrites the loss mode.
+
+    Bypass mode (:data:`~cw_verl.verl_config.BYPASS_MODE_KEY`) takes the rollout's log-probs as
+    ``old_log_probs`` instead of recomputing them. The v1 trainer does only that and keeps the configured loss
+    (its statistics then come from the rollout's log-probs). The legacy trainer, ``one_step_off_policy`` and
+    ``fully_async_policy`` (whose own configs default to bypass mode) also call ``apply_bypass_mode``, which
+    sets ``loss_mode`` to verl's ``bypass_mode`` loss. In verl 0.9.1 they do so on the driver's config during
+    ``fit``, after the actor workers were built from it, so which loss the workers train follows that
+    ordering, not the config: either cw_verl's loss is replaced (CW-GRPO silently off) or verl's bypass loss
+    settings (``loss_type``, rejection sampling) are silently not applied. Refused before Ray starts.
+    cw_verl's losses here: the CW losses (also selected by a CW estimator) and ``OTHER_POLICY_LOSSES``.
+    """
+    if not launch.rewrites_loss_in_bypass_mode or not select(config, BYPASS_MODE_KEY, False):
+        return
+    loss_mode = select(config, LOSS_MODE_KEY)
+    estimator = select(config, ESTIMATOR_KEY)
+    if loss_mode not in cw_loss_modes() | set(OTHER_POLICY_LOSSES) and estimator not in CW_ESTIMATORS:
+        return
+    raise ConfigConflictError(
+        f"{BYPASS_MODE_KEY}=True with {LOSS_MODE_KEY}={loss_mode} ({ESTIMATOR_KEY}={estimator}): {launch.entry_point} "
+        f"rewrites the loss mode to verl's 'bypass_mode' loss in bypass mode (apply_bypass_mode), so cw_verl's "
+        f"{loss_mode} would not reliably be the loss that trains. Set {BYPASS_MODE_KEY}=False (verl then recomputes "
+        "old_log_probs with the actor), or run verl's v1 trainer (verl.trainer.main_ppo with trainer.use_v1=True, "
+        "any trainer.v1.trainer_mode), which keeps the loss in bypass mode."
+    )
+
+
 def group_scope_needs_whole_groups(config: DictConfig, launch: Launch) -> None:
     """``cw_grpo_group`` (and ``vanilla_cw_metrics``) need every prompt's responses in one optimizer mini-batch.
 
@@ -127,6 +159,7 @@ def whole_groups_for_whole_group_losses(config: DictConfig, launch: Launch) -> N
 
 CONFIG_RULES: tuple[Callable[[DictConfig, Launch], None], ...] = (
     loss_mode_follows_estimator,
+    bypass_mode_keeps_cw_verls_loss,
     group_scope_needs_whole_groups,
     ep_grpo_can_be_fed,
     whole_groups_for_whole_group_losses,

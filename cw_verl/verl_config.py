@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 LOSS_MODE_KEY = "actor_rollout_ref.actor.policy_loss.loss_mode"
 ESTIMATOR_KEY = "algorithm.adv_estimator"
+BYPASS_MODE_KEY = "algorithm.rollout_correction.bypass_mode"
 
 
 class ConfigConflictError(ValueError):
@@ -34,10 +35,16 @@ class Launch:
 
     ``prompts_per_update``: prompts in each batch the trainer hands to one actor update (it slices that
     batch into ``ppo_mini_batch_size``-prompt optimizer mini-batches), or ``None`` when unknown.
+    ``rewrites_loss_in_bypass_mode``: whether the loop calls verl's ``apply_bypass_mode`` when
+    :data:`BYPASS_MODE_KEY` is set, which rewrites ``policy_loss.loss_mode`` to verl's ``bypass_mode`` loss
+    (verl 0.9.1: the legacy ``RayPPOTrainer.fit`` and ``SeparateRayPPOTrainer._fit_compute_log_prob``, which
+    ``one_step_off_policy`` and ``fully_async_policy`` inherit); the v1 trainer only takes the rollout's
+    log-probs as ``old_log_probs`` and keeps the loss.
     """
 
     entry_point: str
     prompts_per_update: int | None
+    rewrites_loss_in_bypass_mode: bool = False
 
 
 def select(config: DictConfig, key: str, default=None):
@@ -58,13 +65,13 @@ def launch_of(config: DictConfig, runner: str) -> Launch:
     if runner == "FullyAsyncTaskRunner":
         mini = select(config, "actor_rollout_ref.actor.ppo_mini_batch_size")
         batches = select(config, "async_training.require_batches", 1)
-        return Launch("fully_async_policy", None if mini is None else int(mini) * int(batches))
+        return Launch("fully_async_policy", None if mini is None else int(mini) * int(batches), True)
     if runner == "OneStepTaskRunner":
-        return Launch("one_step_off_policy", train_batch)
+        return Launch("one_step_off_policy", train_batch, True)
     if runner not in ("TaskRunnerV1", "TaskRunner"):
         runner = "TaskRunnerV1" if select(config, "trainer.use_v1", True) else "TaskRunner"
     if runner == "TaskRunner":
-        return Launch("main_ppo (legacy trainer)", train_batch)
+        return Launch("main_ppo (legacy trainer)", train_batch, True)
     mode = select(config, "trainer.v1.trainer_mode", "sync")
     sync_step = int(select(config, f"trainer.v1.{mode}.parameter_sync_step", 1) or 1)
     per_update = None if train_batch is None else int(train_batch) // sync_step

@@ -7,6 +7,8 @@
 #   ARM=cw_grpo TOTAL_STEPS=2 bash recipes/run_cwgrpo_tiny_cpu.sh      # ARM=grpo|clip_cov|cw_grpo, as for the paper
 #   ARM=ep_grpo ...                                                  # EP-GRPO (README "EP-GRPO")
 #   ACTOR_STRATEGY=megatron ...                                      # Megatron actor, TP=2 (cw_verl/cpu/megatron.py)
+#   TRAINER_MODE=colocate_async ...                                  # verl's v1 async trainer (or the override
+#                                                                    # trainer.v1.trainer_mode=colocate_async)
 #
 # Everything else is recipes/common.sh with the paper's settings, except the sizes below and the CPU
 # settings in PROFILE_OVERRIDES. A run writes verl's metrics JSONL and checkpoints under
@@ -17,6 +19,41 @@ set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
 MODEL_TAG=tiny-cpu
+
+refuse() {
+    echo "ERROR: $*; nothing was started" >&2
+    exit 1
+}
+
+# --- trainer loop: the modes of verl 0.9.1 this machine can run ---------------------------------------------
+# TRAINER_MODE=sync|colocate_async, or verl's own override among the arguments (trainer.v1.trainer_mode=...), which
+# wins over the knob as Hydra's last value does. Checked here, before the model build, Ray or any worker.
+TRAINER_MODE=${TRAINER_MODE:-sync}
+for arg in "$@"; do
+    case "$arg" in
+        trainer.v1.trainer_mode=* | +trainer.v1.trainer_mode=* | ++trainer.v1.trainer_mode=*)
+            TRAINER_MODE=${arg#*=}
+            TRAINER_MODE=${TRAINER_MODE//[\"\']/}
+            ;;
+    esac
+done
+# The other modes run the rollout apart from the actor (separate_async: a standalone pool, rollout.nnodes x
+# n_gpus_per_node; the experimental trainers assert actor_rollout_ref.hybrid_engine=False), so the weights travel
+# through a checkpoint engine other than "naive" (in-process, colocated only). Without CUDA verl 0.9.1 registers
+# only "naive" (its registry records why each other engine failed to import).
+NO_CPU_ENGINE="a rollout pool apart from the actor gets its weights through a checkpoint engine other than 'naive' (actor_rollout_ref.rollout.checkpoint_engine.backend), and without CUDA verl 0.9.1 registers only 'naive' (nccl/delta_sharded need cupy and NCCL, hccl an Ascend NPU, nixl/mooncake/kimi_ckpt_engine their own packages); no CPU (gloo) engine is registered through checkpoint_engine.custom_backend_module. Use TRAINER_MODE=colocate_async"
+case "$TRAINER_MODE" in
+    sync | colocate_async) ;;
+    separate_async)
+        refuse "TRAINER_MODE=separate_async cannot run on this machine: verl's separate_async trainer asserts checkpoint_engine.backend != naive and a standalone rollout pool (actor_rollout_ref.rollout.nnodes, n_gpus_per_node > 0); $NO_CPU_ENGINE"
+        ;;
+    one_step_off | fully_async)
+        module=verl.experimental.one_step_off_policy.main_ppo
+        [[ "$TRAINER_MODE" == fully_async ]] && module=verl.experimental.fully_async_policy.fully_async_main
+        refuse "TRAINER_MODE=$TRAINER_MODE ($module) cannot run on this machine: that trainer asserts actor_rollout_ref.hybrid_engine=False (the rollout on its own resource pool); $NO_CPU_ENGINE"
+        ;;
+    *) refuse "TRAINER_MODE must be sync or colocate_async (got '$TRAINER_MODE')" ;;
+esac
 
 # --- "cluster": GPUS_PER_NODE CPU ranks, each one actor rank and one vLLM server ------------------------
 GPUS_PER_NODE=${GPUS_PER_NODE:-2}
@@ -96,9 +133,11 @@ PROFILE_OVERRIDES=(
     # vLLM's sleep mode (freeing weights and KV cache between rollouts) does not exist on CPU.
     +actor_rollout_ref.rollout.enable_sleep_mode=False
     actor_rollout_ref.rollout.free_cache_engine=False
-    # verl's replay buffer checks for finished rollouts every 2 s (fixed); tiny rollouts take a fraction of that.
+    # verl's replay buffers check for finished rollouts every 2 s (fixed); tiny rollouts take a fraction of that.
+    # The factory builds verl's buffer for the mode (sync or async), so an override of the mode keeps working.
+    "trainer.v1.trainer_mode=$TRAINER_MODE"
     trainer.v1.sampler.custom_sampler.path=pkg://cw_verl.cpu.sampler
-    trainer.v1.sampler.custom_sampler.name=FastPollReplayBuffer
+    trainer.v1.sampler.custom_sampler.name=fast_poll_replay_buffer
     # Checkpoints also carry a Hugging Face copy of the policy (loadable as is; the tests compare it).
     "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]"
     # Validation (the held-out split) before training and at the end, as the demo's figure shows.

@@ -21,6 +21,7 @@ import tempfile
 import traceback
 
 LOSS_MODE_KEY = "actor_rollout_ref.actor.policy_loss.loss_mode"
+BYPASS_MODE_KEY = "algorithm.rollout_correction.bypass_mode"
 # Enough for verl's own validate_config to pass, so that only cw_verl's rules can stop a run.
 VALID = [
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
@@ -50,17 +51,19 @@ ENTRY_POINTS = {
         ],
     ),
     "main_ppo (legacy trainer)": ("verl.trainer.main_ppo", "ppo_trainer", None, ["trainer.use_v1=false"]),
+    # Their configs default to rollout-correction bypass mode, in which these trainers rewrite the loss mode:
+    # refused with a CW loss (BYPASS_CASES); the loss rule's cases run them without it.
     "one_step_off_policy": (
         "verl.experimental.one_step_off_policy.main_ppo",
         "one_step_off_ppo_trainer",
         "verl.experimental.one_step_off_policy.config",
-        [],
+        [f"{BYPASS_MODE_KEY}=false"],
     ),
     "fully_async_policy": (
         "verl.experimental.fully_async_policy.fully_async_main",
         "fully_async_ppo_trainer",
         "verl.experimental.fully_async_policy.config",
-        ["data.train_batch_size=0"],
+        ["data.train_batch_size=0", f"{BYPASS_MODE_KEY}=false"],
     ),
     "compose + run_ppo": (None, "ppo_trainer", None, []),
 }
@@ -164,6 +167,10 @@ GROUP_CASES = [
 ]
 
 
+# Rollout-correction bypass mode on every entry point: the v1 trainer keeps the loss, the others rewrite it.
+BYPASS_CASES = [(entry, (f"{BYPASS_MODE_KEY}=true",)) for entry in ENTRY_POINTS if entry != "compose + run_ppo"]
+
+
 def cases(quick: bool = False):
     """(entry point, source, loss_mode, extra overrides) of every case; ``quick``: what the tests need."""
     for entry in ENTRY_POINTS:
@@ -177,6 +184,8 @@ def cases(quick: bool = False):
                     yield entry, source, loss_mode, ()
     for entry, more in GROUP_CASES:
         yield entry, "command line", "cw_grpo_group", more
+    for entry, more in BYPASS_CASES:
+        yield entry, "estimator only", None, more
 
 
 def main(argv=None) -> int:

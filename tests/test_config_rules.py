@@ -221,3 +221,143 @@ def test_validate_config_applies_the_rules_only_in_the_driver_of_python_m_main_p
     assert not driver_of_python_m_main_ppo()
     main.__spec__ = None  # `python script.py`
     assert not driver_of_python_m_main_ppo()
+
+
+# --- rollout-correction bypass mode: kept loss in the v1 trainer, rewritten loss elsewhere (issue 28) ----------
+
+BYPASS = "algorithm.rollout_correction.bypass_mode=true"
+REWRITING_RUNNERS = ["TaskRunner", "OneStepTaskRunner", "FullyAsyncTaskRunner"]
+CW_VERL_LOSSES = ["cw_grpo", "cw_grpo_group", "cw_grpo_microbatch", "clip_cov_minibatch", "kl_cov_minibatch"]
+
+
+@pytest.mark.parametrize("runner", REWRITING_RUNNERS)
+@pytest.mark.parametrize("loss_mode", CW_VERL_LOSSES)
+def test_bypass_mode_with_cw_verls_loss_is_refused_where_verl_rewrites_the_loss(runner, loss_mode):
+    estimator = "cw_grpo" if loss_mode.startswith("cw_grpo") else "grpo"
+    config = verl_config(BYPASS, f"algorithm.adv_estimator={estimator}", f"{LOSS_MODE_KEY}={loss_mode}")
+    launch = launch_of(config, runner)
+    assert launch.rewrites_loss_in_bypass_mode
+    with pytest.raises(ConfigConflictError, match="bypass_mode") as refused:
+        apply_config_rules(config, launch)
+    # The setting that fixes it, and the trainer that keeps the loss.
+    assert "algorithm.rollout_correction.bypass_mode=False" in str(refused.value)
+    assert "trainer.use_v1=True" in str(refused.value) and launch.entry_point in str(refused.value)
+
+
+def test_the_cw_estimator_alone_is_refused_with_bypass_mode_where_verl_rewrites_the_loss():
+    config = verl_config(BYPASS, "algorithm.adv_estimator=cw_grpo")
+    with pytest.raises(ConfigConflictError, match="loss_mode=cw_grpo"):
+        apply_config_rules(config, launch_of(config, "TaskRunner"))
+
+
+@pytest.mark.parametrize("mode", ["sync", "colocate_async", "separate_async"])
+@pytest.mark.parametrize("loss_mode", CW_VERL_LOSSES)
+def test_bypass_mode_with_cw_verls_loss_is_allowed_in_the_v1_trainer_and_the_loss_is_kept(mode, loss_mode):
+    estimator = "cw_grpo" if loss_mode.startswith("cw_grpo") else "grpo"
+    config = verl_config(
+        BYPASS,
+        f"algorithm.adv_estimator={estimator}",
+        f"{LOSS_MODE_KEY}={loss_mode}",
+        f"trainer.v1.trainer_mode={mode}",
+        # Whole groups per update in every mode (separate_async: train_batch_size = parameter_sync_step x mini).
+        "data.train_batch_size=16",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={4 if mode == 'separate_async' else 16}",
+    )
+    launch = launch_of(config, "TaskRunnerV1")
+    assert not launch.rewrites_loss_in_bypass_mode
+    apply_config_rules(config, launch)
+    assert config.actor_rollout_ref.actor.policy_loss.loss_mode == loss_mode
+
+
+@pytest.mark.parametrize("runner", REWRITING_RUNNERS)
+def test_bypass_mode_is_left_alone_with_verls_own_losses_or_without_bypass(runner):
+    for overrides, loss_mode in (
+        ([BYPASS, "algorithm.adv_estimator=grpo"], "vanilla"),  # verl's loss: verl's business
+        (["algorithm.adv_estimator=cw_grpo", "algorithm.rollout_correction.rollout_is=token"], "cw_grpo"),  # decoupled
+    ):
+        config = verl_config(*overrides)
+        apply_config_rules(config, launch_of(config, runner))
+        assert config.actor_rollout_ref.actor.policy_loss.loss_mode == loss_mode
+
+
+def test_verls_experimental_trainers_default_to_bypass_mode():
+    """So their default config with a CW loss is refused (the error names the setting that fixes it)."""
+    for path in (
+        "experimental/one_step_off_policy/config/one_step_off_ppo_trainer.yaml",
+        "experimental/fully_async_policy/config/fully_async_ppo_trainer.yaml",
+    ):
+        config = OmegaConf.load(os.path.join(os.path.dirname(verl.__file__), path))
+        assert config.algorithm.rollout_correction.bypass_mode is True, path
+
+
+def test_verls_apply_bypass_mode_rewrites_the_loss_mode_in_the_trainers_that_call_it():
+    """What the rule guards against, on verl's own function; and who calls it (verl 0.9.1)."""
+    import inspect
+
+    import torch
+    from verl import DataProto
+    from verl.experimental.separation import ray_trainer as separation
+    from verl.trainer.ppo import ray_trainer as legacy
+    from verl.trainer.ppo.rollout_corr_helper import apply_bypass_mode
+    from verl.trainer.ppo.v1 import trainer_base
+
+    rollout_log_probs = torch.randn(2, 3)
+    batch = DataProto.from_dict({"rollout_log_probs": rollout_log_probs})
+    policy_loss = OmegaConf.create({"loss_mode": "cw_grpo_group"})
+    apply_bypass_mode(batch, OmegaConf.create({"bypass_mode": True}), policy_loss)
+    assert policy_loss.loss_mode == "bypass_mode" and batch.batch["old_log_probs"].equal(rollout_log_probs)
+    # The legacy trainer's fit and the separation trainers' (one_step_off_policy, fully_async_policy) call it on
+    # the actor's policy-loss config; the v1 trainer does not.
+    assert "policy_loss_config=self.config.actor_rollout_ref.actor.policy_loss" in inspect.getsource(
+        legacy.RayPPOTrainer.fit
+    )
+    assert "apply_bypass_mode(" in inspect.getsource(separation.SeparateRayPPOTrainer._fit_compute_log_prob)
+    assert "apply_bypass_mode" not in inspect.getsource(trainer_base)
+
+
+def test_verls_v1_trainer_in_bypass_mode_only_takes_the_rollout_log_probs_as_old_log_probs(monkeypatch):
+    """verl 0.9.1's ``PPOTrainer._compute_old_log_prob`` in bypass mode, run on a fake TransferQueue: it writes
+    ``old_log_probs`` = the rollout's, computes nothing on the actor and leaves the loss mode alone."""
+    from types import SimpleNamespace
+
+    import torch
+    from tensordict import TensorDict
+    from verl.trainer.ppo.v1 import trainer_base
+
+    rollout_log_probs = torch.randn(2, 3)
+    written = {}
+
+    class FakeQueue:
+        @staticmethod
+        def kv_batch_get(keys, partition_id, select_fields):
+            assert select_fields == ["rollout_log_probs"]
+            return TensorDict({"rollout_log_probs": rollout_log_probs.clone()}, batch_size=len(keys))
+
+        @staticmethod
+        def kv_batch_put(keys, partition_id, fields):
+            written.update(fields.items())
+
+    class NoActor:
+        def __getattr__(self, name):
+            raise AssertionError(f"bypass mode called the actor: {name}")
+
+    monkeypatch.setattr(trainer_base, "tq", FakeQueue)
+    config = verl_config(BYPASS, f"{LOSS_MODE_KEY}=cw_grpo_group")
+    trainer = SimpleNamespace(config=config, actor_rollout_wg=NoActor())
+    batch = SimpleNamespace(keys=["a", "b"], partition_id="train")
+    assert trainer_base.PPOTrainer._compute_old_log_prob(trainer, batch, metrics={}) is batch
+    assert list(written) == ["old_log_probs"] and written["old_log_probs"].equal(rollout_log_probs)
+    assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "cw_grpo_group"
+
+
+def test_bypass_mode_per_entry_point(entry_points):
+    """Every entry point run as a user runs it: the v1 trainer keeps cw_grpo in bypass mode, the legacy and
+    experimental trainers are refused before Ray starts."""
+    bypass = ("algorithm.rollout_correction.bypass_mode=true",)
+    for entry in ("main_ppo (v1 sync)", "main_ppo (v1 separate_async)"):
+        result = find(entry_points, entry, "estimator only", None, bypass)
+        assert result["error"] is None and result["resolved"] == "cw_grpo", result
+    for entry in ("main_ppo (legacy trainer)", "one_step_off_policy", "fully_async_policy"):
+        result = find(entry_points, entry, "estimator only", None, bypass)
+        assert result["error"].startswith("ConfigConflictError") and "bypass_mode=False" in result["error"], result
+        assert not result["ray_started"] and result["resolved"] is None

@@ -88,20 +88,10 @@ def tiny_dir(tiny_assets):
 @pytest.fixture(scope="module")
 def cw_run(root, tiny_dir):
     # Every policy-loss call in the actor workers is recorded (tests/trainer/loss_capture_hook.py).
-    hook_dir = root / "loss_capture_hook"
-    hook_dir.mkdir()
-    (hook_dir / "sitecustomize.py").write_text((Path(__file__).parent / "loss_capture_hook.py").read_text())
-    run = tiny_runs.launch(
-        root,
-        tiny_dir,
-        "cw_fsdp2",
-        *NO_VAL,
-        **CW_RUN_SETTINGS,
-        PYTHONPATH=os.pathsep.join([str(hook_dir), os.environ.get("PYTHONPATH", "")]),
-        CW_VERL_TEST_CAPTURE_DIR=str(root / "loss_calls"),
-    )
+    capture = tiny_runs.loss_capture_settings(root)
+    run = tiny_runs.launch(root, tiny_dir, "cw_fsdp2", *NO_VAL, **CW_RUN_SETTINGS, **capture)
     assert run.returncode == 0, run.output[-5000:]
-    run.notes["loss_calls"] = root / "loss_calls"
+    run.notes["loss_calls"] = Path(capture["CW_VERL_TEST_CAPTURE_DIR"])
     return run
 
 
@@ -209,18 +199,24 @@ def paper_call_weights(groups: dict, call: dict) -> torch.Tensor:
     return torch.where(call["inputs"]["response_mask"].bool(), weights, 1.0)
 
 
-def test_the_trainers_cw_update_is_the_papers_on_the_data_its_loss_saw(cw_run):
+def recorded_loss_calls(loss_calls: Path) -> dict[int, list[dict]]:
+    """The recorded loss calls of a run (``tiny_runs.loss_capture_settings``), per optimizer mini-batch index
+    (counted per rank: the n-th mini-batch of every rank has index n - 1)."""
+    records = [torch.load(path, weights_only=False) for path in sorted(loss_calls.glob("*.pt"))]
+    by_mini_batch = defaultdict(list)
+    for record in records:
+        by_mini_batch[record["mini_batch_index"]].append(record)
+    return dict(by_mini_batch)
+
+
+def check_loss_calls_against_the_paper(by_mini_batch: dict[int, list[dict]], steps: int) -> None:
     """Each loss call of verl's actor workers, recomputed: the paper's group-scope weights from the whole
     mini-batch on both ranks, then verl's own PPO loss on ``w~ * A`` with the call's inputs and config."""
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
 
-    records = [torch.load(path, weights_only=False) for path in sorted(cw_run.notes["loss_calls"].glob("*.pt"))]
-    assert {r["loss_mode"] for r in records} == {"cw_grpo_group"}
-    by_mini_batch = defaultdict(list)
-    for record in records:
-        by_mini_batch[record["mini_batch_index"]].append(record)
+    assert {r["loss_mode"] for calls in by_mini_batch.values() for r in calls} == {"cw_grpo_group"}
     # One mini-batch per step on each of the 2 ranks, several micro-batches each (dynamic batch size).
-    assert sorted(by_mini_batch) == [0, 1, 2]
+    assert sorted(by_mini_batch) == list(range(steps))
     moved_by_weights = 0.0
     for index, calls in by_mini_batch.items():
         shards = [call["mini_batch"] for call in calls if call["mini_batch"] is not None]
@@ -242,6 +238,10 @@ def test_the_trainers_cw_update_is_the_papers_on_the_data_its_loss_saw(cw_run):
             assert call["metrics"]["actor/cw/weight_max"] == pytest.approx(every_weight.max().item(), rel=1e-5)
     # The check has teeth: the weights move the loss far beyond its tolerance somewhere.
     assert moved_by_weights > 1e-3
+
+
+def test_the_trainers_cw_update_is_the_papers_on_the_data_its_loss_saw(cw_run):
+    check_loss_calls_against_the_paper(recorded_loss_calls(cw_run.notes["loss_calls"]), steps=3)
 
 
 @pytest.mark.smoke

@@ -126,27 +126,43 @@ def test_verls_resource_check_counts_gpu_and_the_cpu_platform_names_it():
 # --- verl: the replay buffer's poll interval ------------------------------------------------------------
 
 
-def test_fast_poll_replay_buffer_is_verls_sync_buffer_with_a_short_poll():
+def test_fast_poll_replay_buffers_are_verls_buffers_for_each_mode_with_a_short_poll():
     from verl.trainer.ppo.v1 import trainer_base
-    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
 
-    from cw_verl.cpu.sampler import POLL_INTERVAL_S, FastPollReplayBuffer
+    from cw_verl.cpu.sampler import (
+        POLL_INTERVAL_S,
+        FastPollReplayBuffer,
+        FastPollReplayBufferAsync,
+        fast_poll_replay_buffer,
+    )
 
     assert inspect.signature(ReplayBuffer.__init__).parameters["poll_interval"].default == 2.0
+    assert "__init__" not in vars(ReplayBufferAsync)  # the async buffer takes the same constructor
     builder = inspect.getsource(trainer_base.PPOTrainer._build_replay_buffer)
     assert "sampler_cls = load_extern_type(custom_sampler.path, custom_sampler.name)" in builder
+    # The factory makes verl's own choice of buffer for the mode.
+    assert 'sampler_cls = ReplayBuffer if self.trainer_mode == "sync" else ReplayBufferAsync' in builder
     kwargs = dict(
-        trainer_mode="sync",
         trainer_config={},
         max_off_policy_threshold=None,
         max_off_policy_strategy="drop",
         sampler_kwargs={},
         refill_fn=None,
     )
-    buffer = FastPollReplayBuffer(**kwargs)
-    assert isinstance(buffer, ReplayBuffer) and buffer.poll_interval == POLL_INTERVAL_S
+    sync = fast_poll_replay_buffer(trainer_mode="sync", **kwargs)
+    assert type(sync) is FastPollReplayBuffer and not isinstance(sync, ReplayBufferAsync)
+    for mode in ("colocate_async", "separate_async"):
+        buffer = fast_poll_replay_buffer(trainer_mode=mode, **kwargs)
+        assert type(buffer) is FastPollReplayBufferAsync and isinstance(buffer, ReplayBufferAsync)
+        assert buffer.poll_interval == POLL_INTERVAL_S and buffer.trainer_mode == mode
+        # What separate_async's hybrid-rollout switching requires of a custom sampler.
+        assert hasattr(buffer, "wait_for_sampleable") and hasattr(buffer, "get_sampleable_count")
+    assert sync.poll_interval == POLL_INTERVAL_S
     with pytest.raises(ValueError, match="sync-mode"):
-        FastPollReplayBuffer(**{**kwargs, "trainer_mode": "separate_async"})
+        FastPollReplayBuffer(trainer_mode="separate_async", **kwargs)
+    with pytest.raises(ValueError, match="async-mode"):
+        FastPollReplayBufferAsync(trainer_mode="sync", **kwargs)
 
 
 # --- vLLM: CPU linear layers and weight reloads -----------------------------------------------------------

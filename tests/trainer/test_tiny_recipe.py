@@ -113,3 +113,62 @@ def test_ep_grpo_arm_runs_verls_vanilla_loss_with_a_reference_policy(dry_runs):
     actor = cfg["actor_rollout_ref"]["actor"]
     assert cfg["algorithm"]["adv_estimator"] == "ep_grpo" and actor["policy_loss"]["loss_mode"] == "vanilla"
     assert actor["use_kl_loss"]  # what starts verl's reference worker, whose log-probs EP-GRPO reads
+
+
+# --- verl's trainer modes (issue 28) --------------------------------------------------------------------------
+
+
+def test_trainer_mode_knob_selects_colocate_async_with_the_cpu_async_buffer(dry_runs, tiny_assets):
+    root, results = dry_runs
+    env, _ = tiny_runs.recipe_env(
+        root,
+        tiny_assets,
+        "colocate_async",
+        ARM="cw_grpo",
+        TRAINER_MODE="colocate_async",
+        DRY_RUN="1",
+        DUMP_CONFIG=str(root / "colocate_async.yaml"),
+        METRICS_FILE=f"{root}/colocate_async.jsonl",
+    )
+    result = subprocess.run(["bash", str(tiny_runs.RECIPE)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    v1 = yaml.safe_load((root / "colocate_async.yaml").read_text())["trainer"]["v1"]
+    assert v1["trainer_mode"] == "colocate_async"
+    # One sampler setting for every mode: cw_verl.cpu.sampler picks verl's sync or async buffer by the mode.
+    assert v1["sampler"]["custom_sampler"] == {"path": "pkg://cw_verl.cpu.sampler", "name": "fast_poll_replay_buffer"}
+    assert results["cw_grpo"][1]["trainer"]["v1"]["trainer_mode"] == "sync"  # the default
+
+
+NO_NAIVE = "checkpoint engine other than 'naive'"
+
+
+@pytest.mark.parametrize(
+    "settings, args, blockers",
+    [
+        ({"TRAINER_MODE": "separate_async"}, (), [NO_NAIVE, "standalone rollout pool", "registers only 'naive'"]),
+        # verl's own override after the recipe's arguments is checked the same way (and wins over the knob).
+        ({"TRAINER_MODE": "sync"}, ("trainer.v1.trainer_mode=separate_async",), [NO_NAIVE, "standalone rollout pool"]),
+        (
+            {"TRAINER_MODE": "one_step_off"},
+            (),
+            [NO_NAIVE, "verl.experimental.one_step_off_policy.main_ppo", "hybrid_engine=False"],
+        ),
+        (
+            {"TRAINER_MODE": "fully_async"},
+            (),
+            [NO_NAIVE, "verl.experimental.fully_async_policy.fully_async_main", "hybrid_engine=False"],
+        ),
+        ({"TRAINER_MODE": "colocated_async"}, (), ["TRAINER_MODE must be sync or colocate_async"]),
+    ],
+)
+def test_modes_this_machine_cannot_run_are_refused_before_anything_starts(tmp_path, settings, args, blockers):
+    tiny_dir = tmp_path / "assets"  # not built: the refusal comes before the model build, Ray and any worker
+    env, _ = tiny_runs.recipe_env(tmp_path, tiny_dir, "refused", ARM="cw_grpo", **settings)
+    result = subprocess.run(
+        ["bash", str(tiny_runs.RECIPE), *args], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("ERROR: ") and result.stderr.rstrip().endswith("nothing was started"), result.stderr
+    for blocker in blockers:
+        assert blocker in result.stderr, (blocker, result.stderr)
+    assert not tiny_dir.exists() and result.stdout == ""

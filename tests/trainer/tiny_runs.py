@@ -94,6 +94,19 @@ def launch(root: Path, tiny_dir: Path, name: str, *overrides: str, timeout: floa
     return finish(run, proc, timeout)
 
 
+def loss_capture_settings(root: Path, name: str = "loss_calls") -> dict[str, str]:
+    """Launch settings that record every policy-loss call of the run's actor workers under ``root / name``
+    (``tests/trainer/loss_capture_hook.py``, installed as the ``sitecustomize`` of a folder put first on
+    ``PYTHONPATH``, which Ray's workers inherit)."""
+    hook_dir = root / f"{name}_hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text((Path(__file__).parent / "loss_capture_hook.py").read_text())
+    return {
+        "PYTHONPATH": os.pathsep.join([str(hook_dir), os.environ.get("PYTHONPATH", "")]),
+        "CW_VERL_TEST_CAPTURE_DIR": str(root / name),
+    }
+
+
 def marked_processes(marker: str) -> dict[int, str]:
     """Live processes carrying ``marker``, with their titles."""
     needle = f"{MARKER}={marker}".encode()
