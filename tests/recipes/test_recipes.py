@@ -17,6 +17,7 @@ from recipe_helpers import RECIPES, flatten, recipe_env, run_recipes
 
 ARMS = ("grpo", "clip_cov", "cw_grpo", "clip_cov_minibatch", "kl_cov_minibatch")
 MODELS = ("qwen7b", "r1_1p5b")
+ASYNC_OVERRIDE = "trainer.v1.trainer_mode=colocate_async"
 # What may differ between arms of one model: the algorithm switch and everything named after the run.
 ARM_KEYS = {"algorithm.adv_estimator", "actor_rollout_ref.actor.policy_loss.loss_mode"}
 RUN_NAME_KEYS = {
@@ -58,6 +59,15 @@ def runs(models, data_dir, tmp_path_factory):
                 ),
                 ["trainer.save_freq=10"],
             ),
+            # verl's asynchronous v1 trainer (recipes/README.md), selected by verl's own override after the recipe's.
+            **{
+                f"{model}_colocate_async": (
+                    model,
+                    recipe_env(tmp, models[model], data_dir, DUMP_CONFIG=str(tmp / f"{model}-async.yaml")),
+                    [ASYNC_OVERRIDE],
+                )
+                for model in MODELS
+            },
             # A real launch (DRY_RUN=0) with a python whose `-m verl.trainer.main_ppo` only records its argv.
             "r1_launch": ("r1_1p5b", recipe_env(tmp, r1, data_dir, DRY_RUN="0", PYTHON=str(fake_trainer(tmp))), []),
         }
@@ -250,3 +260,17 @@ def test_eval_script_checks_its_inputs(models, tmp_path):
     assert result.returncode == 1 and "/nonexistent is not a Hugging Face model directory" in result.stderr
     result = run(str(models["qwen7b"]), "GRPO")
     assert result.returncode == 1 and f"{tmp_path}/aime24.parquet not found" in result.stderr
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_paper_runs_launch_in_verls_colocate_async_trainer(runs, model):
+    """The async launch of recipes/README.md passes verl's and cw_verl's launch checks for both models, with the
+    arm's loss and statistics scope unchanged (the CW rules hold in every v1 trainer mode)."""
+    results, configs, _ = runs
+    result = results[f"{model}_colocate_async"]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    config = configs[f"{model}_colocate_async"]
+    assert config["trainer"]["use_v1"] and config["trainer"]["v1"]["trainer_mode"] == "colocate_async"
+    sync = flatten(configs[(model, "cw_grpo")])
+    changed = {key for key, value in flatten(config).items() if sync.get(key) != value}
+    assert changed - RUN_NAME_KEYS == {"trainer.v1.trainer_mode"}, changed

@@ -4,12 +4,13 @@ verl.trainer.main_ppo`` -> ``PPOTrainerColocateAsync`` (partial rollouts: each s
 sample and resumed on the updated weights; one batch of prompts generated ahead) with the group-scope loss
 (marker ``e2e``).
 
-One launch, 3 steps, every policy-loss call recorded (``tests/trainer/loss_capture_hook.py``). What it shows:
+One launch, 3 steps (a checkpoint after each), every policy-loss call recorded
+(``tests/trainer/loss_capture_hook.py``). What it shows:
 off-policy data reached the loss (verl's ``training/off_policy/trajectory_staleness/max`` >= 1 on some step), the
 CW statistics on every step cover every valid token of the optimizer mini-batch on both DP ranks once, every
 mini-batch holds whole prompt groups (what the group scope needs; verl's async replay buffer samples only groups
 whose every response finished), and each loss call equals the paper's update on the data it saw (the sync run's
-check, reused).
+check, reused). A second launch resumes it from step 2's checkpoint, still in ``colocate_async``, and trains step 3.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
 STEPS = 3
 MODE_OVERRIDE = "trainer.v1.trainer_mode=colocate_async"
+RUN_SETTINGS = dict(ARM="cw_grpo", TOTAL_STEPS=str(STEPS), SAVE_FREQ="1", **SCHEDULE)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +46,7 @@ def async_run(tmp_path_factory, tiny_assets):
         "cw_colocate_async",
         *NO_VAL,
         MODE_OVERRIDE,
-        ARM="cw_grpo",
-        TOTAL_STEPS=str(STEPS),
-        SAVE_FREQ=str(STEPS),
-        **SCHEDULE,
+        **RUN_SETTINGS,
         **capture,
     )
     assert run.returncode == 0, run.output[-5000:]
@@ -98,3 +97,30 @@ def test_every_mini_batch_holds_whole_prompt_groups(async_run):
 
 def test_each_loss_call_is_the_papers_update_on_the_data_it_saw(async_run):
     check_loss_calls_against_the_paper(recorded_loss_calls(async_run.notes["loss_calls"]), steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def async_resumed(async_run, tiny_assets):
+    import shutil
+
+    # What a run that died after step 2's checkpoint leaves (verl resumes from latest_checkpointed_iteration).
+    checkpoints = async_run.run_dir / "checkpoints"
+    assert (checkpoints / f"global_step_{STEPS - 1}").is_dir() and (checkpoints / f"global_step_{STEPS}").is_dir()
+    shutil.rmtree(checkpoints / f"global_step_{STEPS}")
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text(str(STEPS - 1))
+    root = async_run.run_dir.parents[1]  # tiny_runs: run_dir = root / "e2e" / name
+    run = tiny_runs.launch(root, tiny_assets, "cw_colocate_async", *NO_VAL, MODE_OVERRIDE, **RUN_SETTINGS)
+    assert run.returncode == 0, run.output[-5000:]
+    return run
+
+
+def test_a_second_launch_resumes_the_async_run_at_the_next_step(async_resumed):
+    assert len(async_resumed.metrics_files()) == 2  # one file per launch
+    steps = async_resumed.steps()
+    assert sorted(s for s, row in steps.items() if "critic/score/mean" in row) == [STEPS]
+    assert "Resuming from" in async_resumed.output and f"global_step_{STEPS - 1}" in async_resumed.output
+    row = steps[STEPS]
+    assert row["actor/cw/num_tokens"] == valid_response_tokens(row) and row["actor/cw/sigma"] >= 0
+    assert "training/off_policy/trajectory_staleness/max" in row
+    assert (async_resumed.run_dir / "checkpoints" / f"global_step_{STEPS}").is_dir()
+    assert tiny_runs.marked_processes(async_resumed.marker) == {}
