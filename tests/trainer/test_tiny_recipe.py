@@ -73,21 +73,26 @@ def test_cpu_profile_settings(dry_runs, tiny_assets):
     assert rollout["log_prob_use_dynamic_bsz"] and rollout["log_prob_max_token_len_per_gpu"] == 8 * (16 + 9)
 
 
-def test_micro_batch_per_gpu_selects_fixed_micro_batches(dry_runs, tiny_assets):
-    root, _ = dry_runs
+def _dry_run_config(root, tiny_assets, name: str, **settings: str) -> dict:
+    """One more ``DRY_RUN=1`` of the tiny recipe (``ARM=cw_grpo`` plus ``settings``); its resolved config."""
     env, _ = tiny_runs.recipe_env(
         root,
         tiny_assets,
-        "fixed",
+        name,
         ARM="cw_grpo",
-        MICRO_BATCH_PER_GPU="16",
         DRY_RUN="1",
-        DUMP_CONFIG=str(root / "fixed.yaml"),
-        METRICS_FILE=f"{root}/fixed.jsonl",
+        DUMP_CONFIG=str(root / f"{name}.yaml"),
+        METRICS_FILE=f"{root}/{name}.jsonl",
+        **settings,
     )
     result = subprocess.run(["bash", str(tiny_runs.RECIPE)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    cfg = yaml.safe_load((root / "fixed.yaml").read_text())
+    return yaml.safe_load((root / f"{name}.yaml").read_text())
+
+
+def test_micro_batch_per_gpu_selects_fixed_micro_batches(dry_runs, tiny_assets):
+    root, _ = dry_runs
+    cfg = _dry_run_config(root, tiny_assets, "fixed", MICRO_BATCH_PER_GPU="16")
     actor, ref = cfg["actor_rollout_ref"]["actor"], cfg["actor_rollout_ref"]["ref"]
     assert not actor["use_dynamic_bsz"] and actor["ppo_micro_batch_size_per_gpu"] == 16
     assert ref["log_prob_micro_batch_size_per_gpu"] == 16
@@ -120,19 +125,7 @@ def test_ep_grpo_arm_runs_verls_vanilla_loss_with_a_reference_policy(dry_runs):
 
 def test_trainer_mode_knob_selects_colocate_async_with_the_cpu_async_buffer(dry_runs, tiny_assets):
     root, results = dry_runs
-    env, _ = tiny_runs.recipe_env(
-        root,
-        tiny_assets,
-        "colocate_async",
-        ARM="cw_grpo",
-        TRAINER_MODE="colocate_async",
-        DRY_RUN="1",
-        DUMP_CONFIG=str(root / "colocate_async.yaml"),
-        METRICS_FILE=f"{root}/colocate_async.jsonl",
-    )
-    result = subprocess.run(["bash", str(tiny_runs.RECIPE)], env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    v1 = yaml.safe_load((root / "colocate_async.yaml").read_text())["trainer"]["v1"]
+    v1 = _dry_run_config(root, tiny_assets, "colocate_async", TRAINER_MODE="colocate_async")["trainer"]["v1"]
     assert v1["trainer_mode"] == "colocate_async"
     # One sampler setting for every mode: cw_verl.cpu.sampler picks verl's sync or async buffer by the mode.
     assert v1["sampler"]["custom_sampler"] == {"path": "pkg://cw_verl.cpu.sampler", "name": "fast_poll_replay_buffer"}
