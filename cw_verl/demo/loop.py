@@ -142,14 +142,12 @@ def jsonl_path(out_dir: str | Path, arm_name: str) -> Path:
     return Path(out_dir) / f"{arm_name}.jsonl"
 
 
-PASS_AT_K_KEY = "val-aux/digit_reversal/pass@{k}"
-
-
 def _validate(rollout, cfg: RunConfig) -> dict[str, float]:
     """Held-out accuracy (``cfg.val_key``: the share of correct samples over ``val_samples`` temperature-``T``
     samples per problem, problems split over ranks) and pass@k (Chen et al.'s unbiased estimator per problem,
     :func:`cw_verl.demo.passk.pass_at_k`, averaged over problems) for ``cfg.pass_at_ks``."""
     from cw_verl.demo.passk import pass_at_k
+    from cw_verl.demo.runlog import PASS_AT_K_KEY
 
     problems = cfg.task.sample(cfg.val_problems, cfg.seed, STREAM_EVAL, 0)
     # Step 0 is never a training step, so validation draws its own samples; start and end share them.
@@ -258,14 +256,14 @@ def _selected_per_step(metrics: dict[str, float], cfg: RunConfig, counter) -> di
     import torch
     import torch.distributed as dist
 
-    from cw_verl.demo.probes import SELECTED_KEY
+    from cw_verl.demo.runlog import SELECTED
 
     if counter is not None:
         total = torch.tensor([counter.take()], dtype=torch.int64)
         dist.all_reduce(total)
-        return {SELECTED_KEY: float(total.item())}
+        return {SELECTED: float(total.item())}
     if "actor/cov_select/selected" in metrics:
-        return {SELECTED_KEY: metrics["actor/cov_select/selected"] * cfg.mini_batches_per_step}
+        return {SELECTED: metrics["actor/cov_select/selected"] * cfg.mini_batches_per_step}
     return {}
 
 

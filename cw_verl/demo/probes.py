@@ -169,9 +169,6 @@ def compare_objectives(model, batch, temperature: float) -> dict[str, float]:
     }
 
 
-SELECTED_KEY = "probe/cov_select/selected_per_step"
-
-
 class LocalSelectionCounter:
     """Observation only: how many tokens verl 0.9.1's own ``clip_cov`` / ``kl_cov`` select, summed over one
     rank's loss calls (call :meth:`take` after each update, then sum over ranks).

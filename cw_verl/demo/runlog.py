@@ -22,9 +22,10 @@ STEP_SECONDS = "timing_s/step"
 VAL_ACC = "val-core/digit_reversal/acc/mean@1"
 # With N validation samples per prompt (val_kwargs.n) verl logs mean@N: the accuracy over all samples.
 VAL_ACC_ANY_N = re.compile(r"^val-core/digit_reversal/acc/mean@\d+$")
-# The harness's held-out pass@k (cw_verl.demo.loop.PASS_AT_K_KEY); the trainer demo reads it from verl's dumps.
-PASS_AT_K = re.compile(r"^val-aux/digit_reversal/pass@(\d+)$")
-# cw_verl.demo.probes.SELECTED_KEY: tokens the Clip-Cov / KL-Cov arms selected per step, over all ranks.
+# The harness's held-out pass@k (cw_verl.demo.loop logs it; the trainer demo reads pass@k from verl's dumps).
+PASS_AT_K_KEY = "val-aux/digit_reversal/pass@{k}"
+PASS_AT_K = re.compile("^" + re.escape(PASS_AT_K_KEY.format(k="")) + r"(\d+)$")
+# Tokens the Clip-Cov / KL-Cov arms selected per step, over all ranks (cw_verl.demo.loop logs it).
 SELECTED = "probe/cov_select/selected_per_step"
 CW_FRAC_BELOW_HALF = "actor/cw/frac_below_half"
 # cw_verl.demo.probes.kernel_tails (the harness logs them for every arm)
@@ -155,6 +156,11 @@ def _pass_at_k(run: RunLog) -> dict[str, float]:
     return out
 
 
+def pass_at_k_orders(keys) -> list[int]:
+    """Ascending, the ``k`` of every summary key ``pass@k_start`` / ``pass@k_end`` among ``keys``."""
+    return sorted({int(key[len("pass@") :].split("_")[0]) for key in keys if key.startswith("pass@")})
+
+
 def format_table(summaries: dict[str, dict[str, float]], window: int = 10) -> str:
     columns = [
         ("arm", None, "{}"),
@@ -172,9 +178,7 @@ def format_table(summaries: dict[str, dict[str, float]], window: int = 10) -> st
         ("s/step", "seconds_per_step", "{:.2f}"),
     ]
     # Held-out pass@k after the held-out accuracy, when the caller added it to the summaries (cw_verl.demo.passk).
-    ks = sorted(
-        {int(key[5:].split("_")[0]) for summary in summaries.values() for key in summary if key.startswith("pass@")}
-    )
+    ks = pass_at_k_orders(key for summary in summaries.values() for key in summary)
     columns[6:6] = [(f"pass@{k} {edge}", f"pass@{k}_{edge}", "{:.3f}") for k in ks for edge in ("start", "end")]
 
     def cell(fmt: str, value) -> str:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from cw_verl.cpu.tiny_model import TinyModelSpec
+from cw_verl.demo import runlog
 from cw_verl.demo.loop import ARMS, WEIGHT_GRAD_KEY, RunConfig, quiet_known_warnings, run_arm
 from cw_verl.demo.task import ReversalTask
 from cw_verl.demo.warmstart import WarmStart
@@ -99,8 +100,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def summarize_seed(jsonl: str, name: str, window: int) -> dict[str, float]:
-    from cw_verl.demo import runlog
-
     run = runlog.read_jsonl(jsonl, name)
     summary = runlog.summarize(run, window=window)
     _, ratio = run.series(WEIGHT_GRAD_KEY)
@@ -128,7 +127,7 @@ def aggregate(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 def format_table(results: dict[str, dict[str, dict[str, float]]], seeds: list[int], window: int = 10) -> str:
     """Markdown: per arm, mean ± sample std over seeds (min-max below)."""
-    ks = sorted({int(key[5:].split("_")[0]) for stats in results.values() for key in stats if key.startswith("pass@")})
+    ks = runlog.pass_at_k_orders(key for stats in results.values() for key in stats)
     # Held-out pass@k after the accuracy (pass@1 is the accuracy's own estimator, so from k = 2).
     columns = list(COLUMNS)
     columns[3:3] = [
@@ -156,15 +155,7 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], seeds: list[in
 def format_seed_table(runs: dict[str, list[dict[str, float]]], seeds: list[int], window: int = 10) -> str:
     """Markdown: every seed of every arm (held-out accuracy start -> end, the largest pass@k at the end, entropy
     over the last ``window`` steps, and the Clip-/KL-Cov tokens selected per step where the arm selects)."""
-    ks = sorted(
-        {
-            int(key[5:].split("_")[0])
-            for per_seed in runs.values()
-            for s in per_seed
-            for key in s
-            if key.startswith("pass@")
-        }
-    )
+    ks = runlog.pass_at_k_orders(key for per_seed in runs.values() for s in per_seed for key in s)
     top = f"pass@{ks[-1]}_end" if ks and ks[-1] > 1 else None
 
     def cell(s: dict[str, float]) -> str:

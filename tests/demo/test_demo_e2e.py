@@ -8,8 +8,8 @@ import torch
 
 from cw_verl.cpu.launch import run_ranks
 from cw_verl.demo import cli, probes
-from cw_verl.demo.loop import PASS_AT_K_KEY, VAL_KEY
-from cw_verl.demo.runlog import read_jsonl
+from cw_verl.demo.loop import VAL_KEY
+from cw_verl.demo.runlog import PASS_AT_K_KEY, read_jsonl
 from tests.demo import ranks
 
 CW = "cw_grpo"

@@ -53,7 +53,8 @@ def test_harness_validation_gives_accuracy_over_all_samples_and_pass_at_k_per_pr
     """cw_verl.demo.loop._validate on a stand-in rollout: 4 problems x 4 samples, rows grouped per problem."""
     from types import SimpleNamespace
 
-    from cw_verl.demo.loop import PASS_AT_K_KEY, RunConfig, _validate
+    from cw_verl.demo.loop import RunConfig, _validate
+    from cw_verl.demo.runlog import PASS_AT_K_KEY
 
     outcomes = [[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 1, 0]]
     calls = []
