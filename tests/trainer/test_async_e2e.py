@@ -37,8 +37,12 @@ RUN_SETTINGS = dict(ARM="cw_grpo", TOTAL_STEPS=str(STEPS), SAVE_FREQ="1", **SCHE
 
 
 @pytest.fixture(scope="module")
-def async_run(tmp_path_factory, tiny_assets):
-    root = tmp_path_factory.mktemp("async_e2e")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("async_e2e")
+
+
+@pytest.fixture(scope="module")
+def async_run(root, tiny_assets):
     capture = tiny_runs.loss_capture_settings(root)
     run = tiny_runs.launch(
         root,
@@ -100,15 +104,8 @@ def test_each_loss_call_is_the_papers_update_on_the_data_it_saw(async_run):
 
 
 @pytest.fixture(scope="module")
-def async_resumed(async_run, tiny_assets):
-    import shutil
-
-    # What a run that died after step 2's checkpoint leaves (verl resumes from latest_checkpointed_iteration).
-    checkpoints = async_run.run_dir / "checkpoints"
-    assert (checkpoints / f"global_step_{STEPS - 1}").is_dir() and (checkpoints / f"global_step_{STEPS}").is_dir()
-    shutil.rmtree(checkpoints / f"global_step_{STEPS}")
-    (checkpoints / "latest_checkpointed_iteration.txt").write_text(str(STEPS - 1))
-    root = async_run.run_dir.parents[1]  # tiny_runs: run_dir = root / "e2e" / name
+def async_resumed(root, async_run, tiny_assets):
+    tiny_runs.rewind_to_checkpoint(async_run, STEPS - 1)
     run = tiny_runs.launch(root, tiny_assets, "cw_colocate_async", *NO_VAL, MODE_OVERRIDE, **RUN_SETTINGS)
     assert run.returncode == 0, run.output[-5000:]
     return run

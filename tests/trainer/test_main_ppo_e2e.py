@@ -97,13 +97,7 @@ def cw_run(root, tiny_dir):
 
 @pytest.fixture(scope="module")
 def resumed(root, tiny_dir, cw_run):
-    import shutil
-
-    # What a run that died after step 2's checkpoint leaves (verl resumes from latest_checkpointed_iteration).
-    checkpoints = cw_run.run_dir / "checkpoints"
-    assert (checkpoints / "global_step_2").is_dir() and (checkpoints / "global_step_3").is_dir()
-    shutil.rmtree(checkpoints / "global_step_3")
-    (checkpoints / "latest_checkpointed_iteration.txt").write_text("2")
+    tiny_runs.rewind_to_checkpoint(cw_run, 2)
     run = tiny_runs.launch(root, tiny_dir, "cw_fsdp2", *NO_VAL, **CW_RUN_SETTINGS)
     assert run.returncode == 0, run.output[-5000:]
     return run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,6 +93,16 @@ def finish(run: TinyRun, proc: subprocess.Popen, timeout: float) -> TinyRun:
 def launch(root: Path, tiny_dir: Path, name: str, *overrides: str, timeout: float = 1800, **settings: str) -> TinyRun:
     run, proc = start(root, tiny_dir, name, *overrides, **settings)
     return finish(run, proc, timeout)
+
+
+def rewind_to_checkpoint(run: TinyRun, step: int) -> None:
+    """Leave ``run`` as a run that died right after step ``step``'s checkpoint: step ``step + 1``'s checkpoint
+    removed (it must exist, as must ``step``'s) and verl's ``latest_checkpointed_iteration.txt``, from which a
+    relaunch resumes, pointing at ``step``."""
+    checkpoints = run.run_dir / "checkpoints"
+    assert (checkpoints / f"global_step_{step}").is_dir() and (checkpoints / f"global_step_{step + 1}").is_dir()
+    shutil.rmtree(checkpoints / f"global_step_{step + 1}")
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text(str(step))
 
 
 def loss_capture_settings(root: Path, name: str = "loss_calls") -> dict[str, str]:
