@@ -153,8 +153,8 @@ def ep_grpo_can_be_fed(config: DictConfig, launch: Launch) -> None:
 
 
 def whole_groups_for_whole_group_losses(config: DictConfig, launch: Launch) -> None:
-    """:func:`cw_verl.whole_groups.check_whole_groups` (``launch`` is not needed)."""
-    check_whole_groups(config)
+    """:func:`cw_verl.whole_groups.check_whole_groups` for the loop ``launch`` names."""
+    check_whole_groups(config, legacy_loop=launch.legacy_loop)
 
 
 CONFIG_RULES: tuple[Callable[[DictConfig, Launch], None], ...] = (

@@ -35,16 +35,22 @@ class Launch:
 
     ``prompts_per_update``: prompts in each batch the trainer hands to one actor update (it slices that
     batch into ``ppo_mini_batch_size``-prompt optimizer mini-batches), or ``None`` when unknown.
-    ``rewrites_loss_in_bypass_mode``: whether the loop calls verl's ``apply_bypass_mode`` when
-    :data:`BYPASS_MODE_KEY` is set, which rewrites ``policy_loss.loss_mode`` to verl's ``bypass_mode`` loss
-    (verl 0.9.1: the legacy ``RayPPOTrainer.fit`` and ``SeparateRayPPOTrainer._fit_compute_log_prob``, which
-    ``one_step_off_policy`` and ``fully_async_policy`` inherit); the v1 trainer only takes the rollout's
-    log-probs as ``old_log_probs`` and keeps the loss.
+    ``legacy_loop``: verl's legacy ``RayPPOTrainer`` loop runs it (``main_ppo`` with ``trainer.use_v1=False``, and
+    ``one_step_off_policy`` / ``fully_async_policy``, whose ``SeparateRayPPOTrainer`` inherits it) rather than the v1
+    trainer. That loop balances each batch over data-parallel ranks sequence by sequence, not by prompt group
+    (``_balance_batch``), and calls verl's ``apply_bypass_mode`` when :data:`BYPASS_MODE_KEY` is set, which
+    rewrites ``policy_loss.loss_mode`` to verl's ``bypass_mode`` loss (verl 0.9.1: ``RayPPOTrainer.fit`` and
+    ``SeparateRayPPOTrainer._fit_compute_log_prob``); the v1 trainer only takes the rollout's log-probs as
+    ``old_log_probs`` and keeps the loss.
     """
 
     entry_point: str
     prompts_per_update: int | None
-    rewrites_loss_in_bypass_mode: bool = False
+    legacy_loop: bool = False
+
+    @property
+    def rewrites_loss_in_bypass_mode(self) -> bool:
+        return self.legacy_loop
 
 
 def select(config: DictConfig, key: str, default=None):

@@ -58,8 +58,14 @@ def data_parallel_size(config) -> int | None:
     return n_gpus // model_parallel if n_gpus % model_parallel == 0 else None
 
 
-def check_whole_groups(config: DictConfig) -> None:
+def check_whole_groups(config: DictConfig, legacy_loop: bool = False) -> None:
     """Refuse every batching that would split a prompt group over loss calls (whole-group loss modes only).
+
+    Args:
+        config: verl's trainer config.
+        legacy_loop: verl's legacy trainer loop runs it (``Launch.legacy_loop``: also the experimental one-step-off
+            and fully async trainers), whose batch balancing is not group-aware; ``trainer.use_v1=False`` says the
+            same for ``main_ppo``.
 
     Raises:
         ConfigConflictError: naming the setting to change.
@@ -69,9 +75,11 @@ def check_whole_groups(config: DictConfig) -> None:
     loss_mode = OmegaConf.select(config, LOSS_MODE_KEY)
     n = OmegaConf.select(config, "actor_rollout_ref.rollout.n")
     problems = []
-    if not OmegaConf.select(config, "trainer.use_v1", default=True):
+    if legacy_loop or not OmegaConf.select(config, "trainer.use_v1", default=True):
         problems.append(
-            "trainer.use_v1=False: the legacy trainer's batch balancing is not group-aware; set trainer.use_v1=True"
+            "verl's legacy trainer loop (trainer.use_v1=False, or the experimental one_step_off_policy / "
+            "fully_async_policy trainers) balances batches sequence by sequence, not by group; run verl's v1 trainer "
+            "(verl.trainer.main_ppo with trainer.use_v1=True, any trainer.v1.trainer_mode)"
         )
     if OmegaConf.select(config, f"{ACTOR}.shuffle", default=False):
         problems.append(f"{ACTOR}.shuffle=True draws mini-batch rows at random; set {ACTOR}.shuffle=False")

@@ -25,6 +25,9 @@
 #   PROFILE_OVERRIDES=(...)        Hydra overrides applied after the recipe's own (a later value wins).
 #   SUPERVISE=1                    run main_ppo under cw_verl.cpu.supervise (bounded waits, no process left).
 #   WORKER_ENV="NAME ..."          variables of this shell every Ray worker gets (through Ray's runtime_env).
+#   ENTRY_MODULE=... CONFIG_PREFIX=...  another verl entry point and the prefix of its config names (default
+#                              verl.trainer.main_ppo, none): e.g. verl.experimental.one_step_off_policy.main_ppo with
+#                              one_step_off_ (its one_step_off_ppo_trainer / one_step_off_ppo_megatron_trainer).
 
 set -euo pipefail
 
@@ -92,6 +95,8 @@ case "$ACTOR_STRATEGY" in
     fsdp2) CONFIG_NAME=ppo_trainer ;;
     *) die "ACTOR_STRATEGY must be megatron or fsdp2 (got '$ACTOR_STRATEGY')" ;;
 esac
+ENTRY_MODULE=${ENTRY_MODULE:-verl.trainer.main_ppo}
+CONFIG_NAME=${CONFIG_PREFIX:-}$CONFIG_NAME
 
 # --- cluster: the paper used one node with 4 GPUs ------------------------------------------------------
 NNODES=${NNODES:-1}
@@ -323,8 +328,8 @@ for name in $WORKER_ENV; do
     ENV_OVERRIDES+=("++ray_kwargs.ray_init.runtime_env.env_vars.$name='${value//\'/\\\'}'")
 done
 
-CMD=("$PYTHON" -m verl.trainer.main_ppo "--config-name=$CONFIG_NAME" "${OVERRIDES[@]}" "${ENV_OVERRIDES[@]}" "$@")
-CHECK=("$PYTHON" -m cw_verl.paper.launch_check --config-name "$CONFIG_NAME" --gpu-memory-gb "$GPU_MEMORY_GB" --run-dir "$RUN_DIR")
+CMD=("$PYTHON" -m "$ENTRY_MODULE" "--config-name=$CONFIG_NAME" "${OVERRIDES[@]}" "${ENV_OVERRIDES[@]}" "$@")
+CHECK=("$PYTHON" -m cw_verl.paper.launch_check --entry-module "$ENTRY_MODULE" --config-name "$CONFIG_NAME" --gpu-memory-gb "$GPU_MEMORY_GB" --run-dir "$RUN_DIR")
 [[ -n "${DUMP_CONFIG:-}" ]] && CHECK+=(--dump-config "$DUMP_CONFIG")
 [[ "${CHECK_IMPORTS:-1}" == 0 ]] && CHECK+=(--skip-imports)
 # A real launch records its settings in RUN_DIR; a later launch with other settings is refused there.

