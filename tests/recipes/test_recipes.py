@@ -18,6 +18,18 @@ from recipe_helpers import RECIPES, flatten, recipe_env, run_recipes
 ARMS = ("grpo", "clip_cov", "cw_grpo", "clip_cov_minibatch", "kl_cov_minibatch")
 MODELS = ("qwen7b", "r1_1p5b")
 ASYNC_OVERRIDE = "trainer.v1.trainer_mode=colocate_async"
+# verl's experimental one-step-off trainer for the 1.5B model on the paper's node (recipes/README.md): 2 GPUs train,
+# 2 roll out; its entry module and config through common.sh's hooks, its settings after the recipe's arguments.
+ONE_STEP_OFF_ENV = dict(
+    ENTRY_MODULE="verl.experimental.one_step_off_policy.main_ppo", CONFIG_PREFIX="one_step_off_", GPUS_PER_NODE="2"
+)
+ONE_STEP_OFF_ARGS = [
+    "hydra.searchpath=[pkg://verl.trainer.config]",
+    "actor_rollout_ref.hybrid_engine=False",
+    "rollout.nnodes=1",
+    "rollout.n_gpus_per_node=2",
+    "algorithm.rollout_correction.bypass_mode=False",
+]
 # What may differ between arms of one model: the algorithm switch and everything named after the run.
 ARM_KEYS = {"algorithm.adv_estimator", "actor_rollout_ref.actor.policy_loss.loss_mode"}
 RUN_NAME_KEYS = {
@@ -68,6 +80,13 @@ def runs(models, data_dir, tmp_path_factory):
                 )
                 for model in MODELS
             },
+            "r1_one_step_off": (
+                "r1_1p5b",
+                recipe_env(
+                    tmp, r1, data_dir, ARM="cw_grpo", DUMP_CONFIG=str(tmp / "r1-one-step-off.yaml"), **ONE_STEP_OFF_ENV
+                ),
+                ONE_STEP_OFF_ARGS,
+            ),
             # A real launch (DRY_RUN=0) with a python whose `-m verl.trainer.main_ppo` only records its argv.
             "r1_launch": ("r1_1p5b", recipe_env(tmp, r1, data_dir, DRY_RUN="0", PYTHON=str(fake_trainer(tmp))), []),
         }
@@ -274,3 +293,24 @@ def test_the_paper_runs_launch_in_verls_colocate_async_trainer(runs, model):
     sync = flatten(configs[(model, "cw_grpo")])
     changed = {key for key, value in flatten(config).items() if sync.get(key) != value}
     assert changed - RUN_NAME_KEYS == {"trainer.v1.trainer_mode"}, changed
+
+
+def test_the_1p5b_run_launches_in_verls_one_step_off_trainer(runs):
+    """recipes/README.md's one-step-off launch: verl's experimental entry module and its Megatron config, checked by
+    verl's and cw_verl's launch checks for that runner (bypass mode off, the CW loss and scope unchanged)."""
+    results, configs, _ = runs
+    result = results["r1_one_step_off"]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (
+        " -m verl.experimental.one_step_off_policy.main_ppo --config-name=one_step_off_ppo_megatron_trainer "
+        in result.stdout
+    )
+    config = configs["r1_one_step_off"]
+    assert config["actor_rollout_ref"]["hybrid_engine"] is False and config["rollout"]["n_gpus_per_node"] == 2
+    assert config["trainer"]["n_gpus_per_node"] == 2
+    assert config["actor_rollout_ref"]["rollout"]["checkpoint_engine"]["backend"] == "nccl"  # verl's GPU engine
+    assert config["algorithm"]["rollout_correction"]["bypass_mode"] is False
+    sync = flatten(configs[("r1_1p5b", "cw_grpo")])
+    here = flatten(config)
+    for key in ARM_KEYS | {"actor_rollout_ref.actor.ppo_mini_batch_size", "data.train_batch_size"}:
+        assert here[key] == sync[key], key
