@@ -62,6 +62,9 @@ for arg in "$@"; do
             TRAINER_MODE=${arg#*=}
             TRAINER_MODE=${TRAINER_MODE//[\"\']/}
             ;;
+        actor_rollout_ref.hybrid_engine=* | +actor_rollout_ref.hybrid_engine=* | ++actor_rollout_ref.hybrid_engine=*)
+            HYBRID_ENGINE_ARG=${arg#*=}
+            ;;
     esac
 done
 # Every mode but the colocated two runs the rollout on a pool of its own (ROLLOUT_GPUS more rank slots, one vLLM
@@ -94,8 +97,13 @@ EXPERIMENTAL_OVERRIDES=(
 case "$TRAINER_MODE" in
     sync | colocate_async) ;;
     separate_async)
-        # Beside verl's default colocated replicas (hybrid_engine=True; verl 0.9.1's separate_async with
-        # hybrid_engine=False fails at start-up: a logger.info(..., flush=True) in its _setup).
+        # Beside verl's default colocated replicas (hybrid_engine=True): verl 0.9.1's separate_async with
+        # hybrid_engine=False fails at start-up, after Ray and the workers are up, on any machine.
+        case "${HYBRID_ENGINE_ARG:-}" in
+            [Ff]alse | 0)
+                refuse "TRAINER_MODE=separate_async with actor_rollout_ref.hybrid_engine=False: verl 0.9.1 fails at start-up (PPOTrainerSeparateAsync._setup calls logger.info(..., flush=True), a TypeError); keep hybrid_engine=True (the default), or run TRAINER_MODE=fully_async for a rollout pool alone"
+                ;;
+        esac
         ROLLOUT_GPUS=1
         MODE_OVERRIDES=(
             actor_rollout_ref.rollout.nnodes=1
