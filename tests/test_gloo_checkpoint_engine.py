@@ -100,3 +100,38 @@ def test_registered_under_its_backend_name_in_verls_registry():
     from verl.checkpoint_engine.base import CheckpointEngineRegistry
 
     assert CheckpointEngineRegistry.get(BACKEND) is GlooCheckpointEngine
+
+
+def _code(obj) -> str:
+    import inspect
+
+    return "".join(inspect.getsource(obj).split())
+
+
+def test_verls_manager_and_workers_drive_an_engine_as_the_test_above_does():
+    """Written against verl 0.9.1: fails loudly if the calls the four-rank test mimics change shape."""
+    from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineManager, CheckpointEngineWorker
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    assert CheckpointEngine.__abstractmethods__ == {
+        "prepare",
+        "build_topology",
+        "init_process_group",
+        "finalize",
+        "send_weights",
+        "receive_weights",
+    }
+    build = _code(CheckpointEngineManager.build_process_group)
+    assert 'execute_checkpoint_engine(["prepare"]*actor_wg.world_size)+rollout.execute_checkpoint_engine(' in build
+    assert "self.backend_cls.build_topology(actor_wg.world_size,rollout.world_size,metadata)" in build
+    assert '["init_process_group"]' in build
+    update = _code(CheckpointEngineManager.update_weights)
+    assert "self.build_process_group(rollout)" in update and '["finalize"]' in update
+    # Actor rank 0 is the master; every engine gets the bucket size and the backend's engine_kwargs.
+    assert "is_master=(torch.distributed.get_rank()==0),bucket_size=bucket_size,**engine_kwargs" in _code(
+        ActorRolloutRefWorker.init_model
+    )
+    assert "bucket_size=bucket_size,**engine_kwargs" in _code(CheckpointEngineWorker.__init__)
+    assert "self.checkpoint_engine.receive_weights(global_steps=global_steps)" in _code(
+        CheckpointEngineWorker.update_weights
+    )
