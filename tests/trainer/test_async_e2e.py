@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
 STEPS = 3
 COLOCATE_OVERRIDE = "trainer.v1.trainer_mode=colocate_async"
+V1_ENTRY = "verl.trainer.main_ppo"  # verl's v1 trainer, which logs each trajectory's staleness
 V1_STALENESS = "training/off_policy/trajectory_staleness/max"
 # verl's rollout-vs-actor probability gap per token (verl.utils.debug.metrics): 0 up to float rounding when the
 # rollout ran on the weights the actor's old log-probs come from.
@@ -59,8 +60,8 @@ class Mode:
 MODES = {
     mode.name: mode
     for mode in (
-        Mode("colocate_async", "verl.trainer.main_ppo", overrides=(COLOCATE_OVERRIDE,)),
-        Mode("separate_async", "verl.trainer.main_ppo", settings={"TRAINER_MODE": "separate_async"}),
+        Mode("colocate_async", V1_ENTRY, overrides=(COLOCATE_OVERRIDE,)),
+        Mode("separate_async", V1_ENTRY, settings={"TRAINER_MODE": "separate_async"}),
         Mode(
             "one_step_off",
             "verl.experimental.one_step_off_policy.main_ppo",
@@ -147,7 +148,7 @@ def test_cw_statistics_are_global_on_every_update_and_the_data_is_off_policy(mod
         assert 0 <= row["actor/cw/weight_min"] <= 1 <= row["actor/cw/weight_max"]
     gaps = {step: row[PROBS_GAP] for step, row in logged.items()}
     print(f"{mode.name}: {PROBS_GAP} per update {gaps}")
-    if mode.name.endswith("_async") and mode.name != "fully_async":
+    if mode.entry == V1_ENTRY:
         staleness = {step: row[V1_STALENESS] for step, row in logged.items()}
         print(f"{mode.name}: {V1_STALENESS} per update {staleness}")
         assert max(staleness.values()) >= 1, staleness
