@@ -67,14 +67,15 @@ for arg in "$@"; do
             ;;
     esac
 done
-# Every mode but the colocated two runs the rollout on a pool of its own (ROLLOUT_GPUS more rank slots, one vLLM
-# server each) and moves the weights to it through a checkpoint engine other than "naive" (in-process, colocated
+# Every mode but the colocated two runs the rollout on a pool of its own (ROLLOUT_POOL_GPUS more rank slots, one
+# vLLM server each) and moves the weights to it through a checkpoint engine other than "naive" (in-process, colocated
 # only). Without CUDA verl 0.9.1 registers only "naive" (nccl/delta_sharded need cupy, hccl an Ascend NPU,
 # nixl/mooncake/kimi their packages): cw_verl/cpu/gloo_checkpoint_engine.py registers "cpu_gloo" through verl's
 # checkpoint_engine.custom_backend_module. Each mode keeps sync's one optimizer mini-batch per weight update.
 ENTRY_MODULE=verl.trainer.main_ppo
 CONFIG_PREFIX=
-ROLLOUT_GPUS=0
+ROLLOUT_POOL_GPUS=1
+ROLLOUT_GPUS=0  # the rank slots Ray gets beside the actor's: ROLLOUT_POOL_GPUS in a mode with a pool
 RAY_CPUS=16
 MODE_OVERRIDES=()
 CPU_GLOO_ENGINE=(
@@ -90,7 +91,7 @@ EXPERIMENTAL_OVERRIDES=(
     "hydra.searchpath=[pkg://verl.trainer.config]"
     actor_rollout_ref.hybrid_engine=False
     rollout.nnodes=1
-    rollout.n_gpus_per_node=1
+    "rollout.n_gpus_per_node=$ROLLOUT_POOL_GPUS"
     algorithm.rollout_correction.bypass_mode=False
     "${CPU_GLOO_ENGINE[@]}"
 )
@@ -104,10 +105,10 @@ case "$TRAINER_MODE" in
                 refuse "TRAINER_MODE=separate_async with actor_rollout_ref.hybrid_engine=False: verl 0.9.1 fails at start-up (PPOTrainerSeparateAsync._setup calls logger.info(..., flush=True), a TypeError); keep hybrid_engine=True (the default), or run TRAINER_MODE=fully_async for a rollout pool alone"
                 ;;
         esac
-        ROLLOUT_GPUS=1
+        ROLLOUT_GPUS=$ROLLOUT_POOL_GPUS
         MODE_OVERRIDES=(
             actor_rollout_ref.rollout.nnodes=1
-            "actor_rollout_ref.rollout.n_gpus_per_node=$ROLLOUT_GPUS"
+            "actor_rollout_ref.rollout.n_gpus_per_node=$ROLLOUT_POOL_GPUS"
             "${CPU_GLOO_ENGINE[@]}"
             trainer.v1.separate_async.parameter_sync_step=1
         )
@@ -115,7 +116,7 @@ case "$TRAINER_MODE" in
     one_step_off)
         ENTRY_MODULE=verl.experimental.one_step_off_policy.main_ppo
         CONFIG_PREFIX=one_step_off_
-        ROLLOUT_GPUS=1
+        ROLLOUT_GPUS=$ROLLOUT_POOL_GPUS
         # Its task runner holds 10 of Ray's logical CPUs.
         RAY_CPUS=32
         MODE_OVERRIDES=("${EXPERIMENTAL_OVERRIDES[@]}")
@@ -123,7 +124,7 @@ case "$TRAINER_MODE" in
     fully_async)
         ENTRY_MODULE=verl.experimental.fully_async_policy.fully_async_main
         CONFIG_PREFIX=fully_async_
-        ROLLOUT_GPUS=1
+        ROLLOUT_GPUS=$ROLLOUT_POOL_GPUS
         # Its trainer and rollouter hold 10 of Ray's logical CPUs each.
         RAY_CPUS=48
         # No train batch: the rollouter streams prompts (data.gen_batch_size=1) until rollout.total_rollout_steps
