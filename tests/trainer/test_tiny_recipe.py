@@ -73,9 +73,9 @@ def test_cpu_profile_settings(dry_runs, tiny_assets):
     assert rollout["log_prob_use_dynamic_bsz"] and rollout["log_prob_max_token_len_per_gpu"] == 8 * (16 + 9)
 
 
-def _dry_run_config(root, tiny_assets, name: str, *args: str, **settings: str) -> dict:
+def _dry_run(root, tiny_assets, name: str, *args: str, **settings: str) -> tuple[dict, str]:
     """One more ``DRY_RUN=1`` of the tiny recipe (``ARM=cw_grpo`` plus ``settings``, ``args`` after the recipe);
-    its resolved config, and under ``"_stdout"`` what the recipe printed."""
+    its resolved config and what the recipe printed."""
     env, _ = tiny_runs.recipe_env(
         root,
         tiny_assets,
@@ -91,12 +91,12 @@ def _dry_run_config(root, tiny_assets, name: str, *args: str, **settings: str) -
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "launch check: OK (0 problem(s))" in result.stdout
-    return yaml.safe_load((root / f"{name}.yaml").read_text()) | {"_stdout": result.stdout}
+    return yaml.safe_load((root / f"{name}.yaml").read_text()), result.stdout
 
 
 def test_micro_batch_per_gpu_selects_fixed_micro_batches(dry_runs, tiny_assets):
     root, _ = dry_runs
-    cfg = _dry_run_config(root, tiny_assets, "fixed", MICRO_BATCH_PER_GPU="16")
+    cfg, _ = _dry_run(root, tiny_assets, "fixed", MICRO_BATCH_PER_GPU="16")
     actor, ref = cfg["actor_rollout_ref"]["actor"], cfg["actor_rollout_ref"]["ref"]
     assert not actor["use_dynamic_bsz"] and actor["ppo_micro_batch_size_per_gpu"] == 16
     assert ref["log_prob_micro_batch_size_per_gpu"] == 16
@@ -129,7 +129,8 @@ def test_ep_grpo_arm_runs_verls_vanilla_loss_with_a_reference_policy(dry_runs):
 
 def test_trainer_mode_knob_selects_colocate_async_with_the_cpu_async_buffer(dry_runs, tiny_assets):
     root, results = dry_runs
-    v1 = _dry_run_config(root, tiny_assets, "colocate_async", TRAINER_MODE="colocate_async")["trainer"]["v1"]
+    cfg, _ = _dry_run(root, tiny_assets, "colocate_async", TRAINER_MODE="colocate_async")
+    v1 = cfg["trainer"]["v1"]
     assert v1["trainer_mode"] == "colocate_async"
     # One sampler setting for every mode: cw_verl.cpu.sampler picks verl's sync or async buffer by the mode.
     assert v1["sampler"]["custom_sampler"] == {"path": "pkg://cw_verl.cpu.sampler", "name": "fast_poll_replay_buffer"}
@@ -142,21 +143,21 @@ CPU_GLOO = {
 }
 
 
-def _launched_command(cfg: dict) -> str:
-    return next(line for line in cfg["_stdout"].splitlines() if " -m verl." in line)
+def _launched_command(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if " -m verl." in line)
 
 
 def test_separate_async_gets_a_rollout_pool_of_its_own_and_the_cpu_checkpoint_engine(dry_runs, tiny_assets):
     root, _ = dry_runs
     # verl's own override after the recipe's arguments (TRAINER_MODE=separate_async, the knob, is the e2e test's).
-    cfg = _dry_run_config(root, tiny_assets, "separate_override", "trainer.v1.trainer_mode=separate_async")
+    cfg, stdout = _dry_run(root, tiny_assets, "separate_override", "trainer.v1.trainer_mode=separate_async")
     rollout = cfg["actor_rollout_ref"]["rollout"]
     assert cfg["trainer"]["v1"]["trainer_mode"] == "separate_async"
     assert cfg["trainer"]["v1"]["separate_async"]["parameter_sync_step"] == 1  # one mini-batch per weight update
     assert rollout["nnodes"] == 1 and rollout["n_gpus_per_node"] == 1
     assert {key: rollout["checkpoint_engine"][key] for key in CPU_GLOO} == CPU_GLOO
     assert cfg["ray_kwargs"]["ray_init"]["num_gpus"] == 2 + 1  # the actor's rank slots and the rollout pool's
-    assert " -m verl.trainer.main_ppo --config-name=ppo_trainer " in _launched_command(cfg)
+    assert " -m verl.trainer.main_ppo --config-name=ppo_trainer " in _launched_command(stdout)
 
 
 @pytest.mark.parametrize(
@@ -168,8 +169,8 @@ def test_separate_async_gets_a_rollout_pool_of_its_own_and_the_cpu_checkpoint_en
 )
 def test_the_experimental_trainers_run_their_entry_module_and_config(dry_runs, tiny_assets, mode, entry, config_name):
     root, results = dry_runs
-    cfg = _dry_run_config(root, tiny_assets, mode, TRAINER_MODE=mode, TOTAL_STEPS="5")
-    assert f" -m {entry} --config-name={config_name} " in _launched_command(cfg)
+    cfg, stdout = _dry_run(root, tiny_assets, mode, TRAINER_MODE=mode, TOTAL_STEPS="5")
+    assert f" -m {entry} --config-name={config_name} " in _launched_command(stdout)
     actor_rollout_ref = cfg["actor_rollout_ref"]
     # The rollout on its own pool (the trainers copy the top-level rollout.* over actor_rollout_ref's).
     assert actor_rollout_ref["hybrid_engine"] is False
